@@ -1,0 +1,122 @@
+"""
+The contract between the POP3 protocol and the stores behind it.
+
+The protocol only ever sees L{IMaildrop}; the realm only ever sees
+L{IMaildropProvider}.  A store is a provider plus the maildrop it opens:
+everything that may wait on a disk or a network returns a L{Deferred}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zope.interface import Attribute, Interface
+
+
+@dataclass(frozen=True, slots=True)
+class MessageInfo:
+    """
+    One message of a session's snapshot.
+
+    @ivar uid: the unique-id listing (RFC 1939 UIDL): 1 to 70 characters in
+        the range 0x21 to 0x7E, stable across sessions, never reused.
+    @ivar size: the octets of the message with CRLF line endings, before
+        dot-stuffing: what STAT and LIST report.
+    """
+
+    uid: str
+    size: int
+
+
+class MaildropError(Exception):
+    """
+    A store cannot serve a maildrop; retrying will not help (C{[SYS/PERM]}).
+    """
+
+
+class MaildropUnavailable(MaildropError):
+    """
+    A store cannot serve a maildrop just now; a later try may (C{[SYS/TEMP]}).
+    """
+
+
+class MaildropInUse(MaildropError):
+    """
+    Another session holds the maildrop's exclusive lock (C{[IN-USE]}).
+    """
+
+
+class NoSuchUser(MaildropError):
+    """
+    The store has no maildrop for this user and will not create one.
+    """
+
+
+class IMaildrop(Interface):
+    """
+    An opened, exclusively locked maildrop: a numbered snapshot taken at open.
+
+    Message numbers, sizes and UIDs never change while it is open; mail
+    delivered meanwhile belongs to the next session.  Indexes are 0-based.
+    """
+
+    messages = Attribute(
+        "Sequence[MessageInfo]: the snapshot taken at open, in message order."
+    )
+
+    def read(index: int):
+        """
+        Open one message for reading.
+
+        @return: a L{Deferred} firing with a binary file-like object (C{read},
+            C{close}) holding the message as stored (LF or CRLF line endings,
+            no dot-stuffing).  The caller closes it.  Fails with
+            L{MaildropError} if the message can no longer be read.
+        """
+
+    def commit(deleted):
+        """
+        Remove the messages whose indexes are in C{deleted} and release the
+        lock.  A message that vanished meanwhile is not an error.
+
+        @return: a L{Deferred} firing with C{None} once the removals are on
+            stable storage.
+        """
+
+    def release():
+        """
+        Release the lock and change nothing.
+
+        @return: a L{Deferred} firing with C{None}.
+        """
+
+
+class IMaildropProvider(Interface):
+    """
+    Opens users' maildrops and delivers mail into them.
+    """
+
+    def open(avatar_id: str, folder: str | None = None):
+        """
+        Lock and snapshot the maildrop of C{avatar_id}.
+
+        @return: a L{Deferred} firing with an L{IMaildrop}; fails with
+            L{MaildropInUse} if another session holds it (in this process or
+            any other), L{MaildropUnavailable} or L{MaildropError} otherwise.
+        """
+
+    def deliver(avatar_id: str, message, folder: str | None = None):
+        """
+        Store one message: C{message} is C{bytes} or a binary file-like
+        object read to its end.
+
+        @return: a L{Deferred} firing with the new message's UID only once the
+            message is on stable storage.  Delivery never waits for a session
+            holding the lock, and never disturbs its snapshot.
+        """
+
+    def folders(avatar_id: str):
+        """
+        @return: a L{Deferred} firing with the list of folder names of this
+            user's maildrop (the default folder is not listed).
+        """
