@@ -1,0 +1,589 @@
+"""
+Tests for popd.auth.passwdfile and popd.auth.credentials: the Dovecot
+passwd-file, its Cred checker, its editing, and APOP credentials.
+
+No reactor runs: the checker is given a thread pool that runs work only when
+the test says so, and a reactor whose callFromThread calls at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+
+import pytest
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import (
+    IUsernameHashedPassword,
+    IUsernamePassword,
+    UsernamePassword,
+)
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer
+from twisted.logger import capturedLogs, formatEvent
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from popd.auth import passwdfile
+from popd.auth.credentials import APOPCredentials
+from popd.auth.passwdfile import (
+    PasswdEntry,
+    PasswdFile,
+    PasswdFileChecker,
+    delete_user,
+    set_password,
+    validate_username,
+)
+from popd.auth.schemes import dummy_hash, hash_password, verify_password
+
+# Cheap but real hashes for files: SHA512-CRYPT at its minimum cost.
+SECRET_HASH = hash_password(b"secret", "SHA512-CRYPT", rounds=1000)
+
+
+class QueuedThreadPool:
+    """
+    Stands in for a ThreadPool: holds work until L{run} is called, so a test
+    can see that nothing happened on the calling ("reactor") thread.
+    """
+
+    def __init__(self):
+        self.pending = []
+
+    def callInThreadWithCallback(self, onResult, f, *args, **kwargs):
+        self.pending.append((onResult, f, args, kwargs))
+
+    def run(self):
+        while self.pending:
+            on_result, f, args, kwargs = self.pending.pop(0)
+            try:
+                result = f(*args, **kwargs)
+            except BaseException:
+                on_result(False, Failure())
+            else:
+                on_result(True, result)
+
+
+class ImmediateReactor:
+    """
+    Just enough reactor for deferToThreadPool (and a default thread pool).
+    """
+
+    def __init__(self, threadpool=None):
+        self.threadpool = threadpool
+
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+    def getThreadPool(self):
+        return self.threadpool
+
+
+def outcome(d: defer.Deferred):
+    """
+    The result of a fired Deferred, or its Failure.
+    """
+    results = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    return results[0]
+
+
+def write(path, data: bytes | str) -> None:
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+@pytest.fixture
+def users_path(tmp_path):
+    return tmp_path / "users"
+
+
+@pytest.fixture
+def pool():
+    return QueuedThreadPool()
+
+
+@pytest.fixture
+def make_checker(users_path, pool):
+    def make(text: str | bytes) -> PasswdFileChecker:
+        write(users_path, text)
+        return PasswdFileChecker(
+            PasswdFile(users_path), reactor=ImmediateReactor(), threadpool=pool
+        )
+
+    return make
+
+
+def login(checker, pool, credentials):
+    d = checker.requestAvatarId(credentials)
+    pool.run()
+    return outcome(d)
+
+
+def warnings_of(events):
+    return [formatEvent(e) for e in events if e.get("log_level").name == "warn"]
+
+
+# -- parsing ---------------------------------------------------------------
+
+
+def test_full_entry(users_path):
+    write(
+        users_path,
+        "Bob:{PLAIN}pw:1001:1002:Bob Smith,,,:/home/bob:/bin/sh:"
+        "userdb_mail=maildir:~/Maildir nologin reason=gone\n",
+    )
+    entry = PasswdFile(users_path).lookup("bob")
+    assert entry == PasswdEntry(
+        name="bob",
+        password="{PLAIN}pw",
+        uid=1001,
+        gid=1002,
+        gecos="Bob Smith,,,",
+        home="/home/bob",
+        shell="/bin/sh",
+        extra={"userdb_mail": "maildir:~/Maildir", "nologin": "", "reason": "gone"},
+    )
+    assert entry.flag("nologin")
+    assert not entry.flag("nopassword")
+    assert not entry.may_log_in
+
+
+def test_minimal_entries_comments_blanks_and_crlf(users_path):
+    write(
+        users_path,
+        b"# users of example.org\r\n"
+        b"\r\n"
+        b"alice:{PLAIN}a\r\n"
+        b"   \n"
+        b"  # indented comment is a bad user name, not a comment\n"
+        b"carol:{PLAIN}c::\r\n"
+        b"dave:{PLAIN}d:::::::\n"
+        b"erin:{PLAIN}e",  # no final newline
+    )
+    passwd = PasswdFile(users_path)
+    alice = passwd.lookup("alice")
+    assert alice == PasswdEntry(name="alice", password="{PLAIN}a")
+    assert alice.uid is None and alice.home is None and alice.extra == {}
+    assert passwd.lookup("carol").password == "{PLAIN}c"
+    assert passwd.lookup("dave").extra == {}
+    assert passwd.lookup("erin").password == "{PLAIN}e"
+    assert passwd.lookup("# users of example.org") is None
+
+
+def test_names_match_case_insensitively_and_may_be_utf8(users_path):
+    write(users_path, "Jürgen@Example.ORG:{PLAIN}x\n")
+    passwd = PasswdFile(users_path)
+    for name in ("jürgen@example.org", "JÜRGEN@EXAMPLE.ORG", "Jürgen@Example.ORG"):
+        assert passwd.lookup(name).name == "jürgen@example.org"
+    assert passwd.lookup("jurgen@example.org") is None
+
+
+def test_old_format_mail_field(users_path):
+    write(users_path, "u:{PLAIN}x:1:1::/h:/bin/false::maildir:/var/mail/u\n")
+    assert PasswdFile(users_path).lookup("u").extra == {
+        "userdb_mail": "maildir:/var/mail/u"
+    }
+
+
+def test_uid_and_gid_may_be_names(users_path):
+    write(users_path, "u:{PLAIN}x:root:0\n")
+    entry = PasswdFile(users_path).lookup("u")
+    assert (entry.uid, entry.gid) == (0, 0)
+
+
+def test_malformed_lines_are_skipped_with_a_warning(users_path):
+    write(
+        users_path,
+        b"good1:{PLAIN}x\n"  # 1
+        b"no-password-field\n"  # 2
+        b"bad\xffutf8:{PLAIN}x\n"  # 3
+        b"bad uid:{PLAIN}x:1\n"  # 4: space in the name
+        b":{PLAIN}x\n"  # 5: empty name
+        b"u:{PLAIN}x:notauser-xyzzy\n"  # 6
+        b"v:{PLAIN}x:1:notagroup-xyzzy\n"  # 7
+        b"GOOD1:{PLAIN}second\n"  # 8: repeated
+        b"good2:{PLAIN}y\r\n",  # 9
+    )
+    with capturedLogs() as events:
+        passwd = PasswdFile(users_path)
+        assert passwd.lookup("good1").password == "{PLAIN}x"  # the first wins
+        assert passwd.lookup("good2").password == "{PLAIN}y"
+        for name in ("no-password-field", "bad uid", "", "u", "v"):
+            assert passwd.lookup(name) is None
+    warned = warnings_of(events)
+    assert len(warned) == 7, warned
+    for number, message in zip((2, 3, 4, 5, 6, 7, 8), warned, strict=True):
+        assert message.startswith(f"passwd-file {users_path}, line {number}: ")
+    assert "UTF-8" in warned[1]
+    assert "repeated" in warned[6]
+
+
+def test_unknown_scheme_and_nopassword_warn_at_load(users_path):
+    write(users_path, "a:{NOPE}x\nb:{PLAIN}x:::::: nopassword\n")
+    with capturedLogs() as events:
+        passwd = PasswdFile(users_path)
+        assert passwd.lookup("a") is not None
+        assert not passwd.lookup("b").may_log_in
+    warned = warnings_of(events)
+    assert len(warned) == 2
+    assert "line 1" in warned[0] and "NOPE" in warned[0]
+    assert "line 2" in warned[1] and "nopassword" in warned[1]
+
+
+@pytest.mark.parametrize(
+    ("extra", "set_"),
+    [("nologin", True), ("nologin=y", True), ("nologin=no", False), ("x=1", False)],
+)
+def test_flags(extra, set_):
+    entry = PasswdEntry(
+        name="u", password="{PLAIN}x", extra=dict([extra.partition("=")[::2]])
+    )
+    assert entry.flag("nologin") is set_
+    assert entry.may_log_in is not set_
+
+
+def test_empty_password_cannot_log_in():
+    assert not PasswdEntry(name="u", password="").may_log_in
+
+
+# -- reloading --------------------------------------------------------------
+
+
+def test_reloads_when_the_file_changes(users_path):
+    write(users_path, "alice:{PLAIN}a\n")
+    passwd = PasswdFile(users_path)
+    assert passwd.lookup("bob") is None
+    write(users_path, "alice:{PLAIN}a\nbob:{PLAIN}b\n")
+    assert passwd.lookup("bob").password == "{PLAIN}b"
+    # Same size, in place: the modification time tells.
+    write(users_path, "alice:{PLAIN}a\nbob:{PLAIN}c\n")
+    st = os.stat(users_path)
+    os.utime(users_path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert passwd.lookup("bob").password == "{PLAIN}c"
+
+
+def test_does_not_reread_an_unchanged_file(users_path, monkeypatch):
+    write(users_path, "alice:{PLAIN}a\n")
+    passwd = PasswdFile(users_path)
+    parses = []
+    original = passwd._parse
+    monkeypatch.setattr(
+        passwd, "_parse", lambda data: parses.append(1) or original(data)
+    )
+    for _ in range(3):
+        assert passwd.lookup("alice") is not None
+    assert len(parses) == 1
+
+
+def test_missing_file_is_no_users_logged_once(users_path):
+    with capturedLogs() as events:
+        passwd = PasswdFile(users_path)
+        assert passwd.lookup("alice") is None
+        assert passwd.lookup("alice") is None
+        write(users_path, "alice:{PLAIN}a\n")
+        assert passwd.lookup("alice") is not None
+        os.unlink(users_path)
+        assert passwd.lookup("alice") is None
+        assert passwd.lookup("alice") is None
+    missing = [m for m in warnings_of(events) if "missing" in m]
+    assert missing == [f"passwd-file {users_path}: missing; no users"] * 2
+
+
+# -- the checker --------------------------------------------------------------
+
+
+def test_checker_provides_the_interface(make_checker):
+    checker = make_checker("")
+    assert verifyObject(ICredentialsChecker, checker)
+    assert checker.credentialInterfaces == (IUsernamePassword, IUsernameHashedPassword)
+
+
+@pytest.mark.parametrize(
+    ("username", "password"),
+    [(b"bob", b"secret"), (b"BOB", b"secret"), ("Bob", "secret"), ("bob", b"secret")],
+)
+def test_checker_accepts_the_right_password(make_checker, pool, username, password):
+    checker = make_checker(f"Bob:{SECRET_HASH}\n")
+    assert login(checker, pool, UsernamePassword(username, password)) == "bob"
+
+
+def test_checker_verifies_in_the_thread_pool(make_checker, pool, monkeypatch):
+    checker = make_checker(f"bob:{SECRET_HASH}\n")
+    calls = []
+    monkeypatch.setattr(
+        passwdfile, "verify_password", lambda *a: calls.append(a) or verify_password(*a)
+    )
+    d = checker.requestAvatarId(UsernamePassword(b"bob", b"secret"))
+    assert not calls and not d.called
+    pool.run()
+    assert calls == [(SECRET_HASH, b"secret")]
+    assert outcome(d) == "bob"
+
+
+def test_checker_defaults_to_the_reactors_thread_pool(users_path, pool):
+    write(users_path, f"bob:{SECRET_HASH}\n")
+    checker = PasswdFileChecker(PasswdFile(users_path), reactor=ImmediateReactor(pool))
+    assert login(checker, pool, UsernamePassword(b"bob", b"secret")) == "bob"
+
+
+def refusal_message(result) -> str:
+    assert isinstance(result, Failure), result
+    assert result.check(UnauthorizedLogin)
+    return str(result.value)
+
+
+def test_checker_refusals_are_all_alike(make_checker, pool, monkeypatch):
+    checker = make_checker(
+        f"bob:{SECRET_HASH}\n"
+        f"gone:{SECRET_HASH}:::::: nologin\n"
+        f"open:{SECRET_HASH}:::::: nopassword\n"
+        "empty:\n"
+    )
+    calls = []
+    monkeypatch.setattr(
+        passwdfile, "verify_password", lambda *a: calls.append(a) or verify_password(*a)
+    )
+    attempts = {
+        "wrong password": (b"bob", b"Secret", SECRET_HASH),
+        "unknown user": (b"nobody", b"secret", dummy_hash()),
+        "nologin": (b"gone", b"secret", SECRET_HASH),
+        "nopassword": (b"open", b"anything", SECRET_HASH),
+        "empty password field": (b"empty", b"", dummy_hash()),
+    }
+    messages = set()
+    for name, (user, password, verified_against) in attempts.items():
+        calls.clear()
+        result = login(checker, pool, UsernamePassword(user, password))
+        messages.add(refusal_message(result))
+        # Every refusal costs one real verification: an unknown user's too.
+        assert calls == [(verified_against, password)], name
+    assert len(messages) == 1
+
+
+def test_checker_refuses_invalid_utf8_names(make_checker, pool):
+    checker = make_checker(f"bob:{SECRET_HASH}\n")
+    d = checker.requestAvatarId(UsernamePassword(b"b\xffob", b"secret"))
+    assert refusal_message(outcome(d))
+    assert not pool.pending
+
+
+def test_checker_sees_file_changes(make_checker, pool, users_path):
+    checker = make_checker("")
+    assert isinstance(login(checker, pool, UsernamePassword(b"bob", b"pw")), Failure)
+    set_password(users_path, "bob", hash_password(b"pw", "SHA256-CRYPT", rounds=1000))
+    assert login(checker, pool, UsernamePassword(b"bob", b"pw")) == "bob"
+
+
+def test_checker_behind_a_portal(make_checker, pool):
+    @implementer(IRealm)
+    class Realm:
+        def requestAvatar(self, avatarId, mind, *interfaces):
+            return interfaces[0], avatarId, lambda: None
+
+    portal = Portal(Realm(), [make_checker(f"bob:{SECRET_HASH}\n")])
+    d = portal.login(UsernamePassword(b"Bob", b"secret"), None, IUsernamePassword)
+    pool.run()
+    assert outcome(d)[1] == "bob"
+    d = portal.login(UsernamePassword(b"bob", b"nope"), None, IUsernamePassword)
+    pool.run()
+    assert outcome(d).check(UnauthorizedLogin)
+
+
+# -- APOP ----------------------------------------------------------------------
+
+# RFC 1939, section 7.
+RFC_CHALLENGE = b"<1896.697170952@dbc.mtview.ca.us>"
+RFC_DIGEST = b"c4c9334bac560ecc979e58001b3e22fb"
+
+
+def apop(user: bytes, password: bytes, challenge: bytes = RFC_CHALLENGE):
+    digest = hashlib.md5(challenge + password).hexdigest().encode()
+    return APOPCredentials(user, challenge, digest)
+
+
+def test_apop_credentials_rfc_example():
+    credentials = APOPCredentials(b"mrose", RFC_CHALLENGE, RFC_DIGEST)
+    assert verifyObject(IUsernameHashedPassword, credentials)
+    assert credentials.checkPassword(b"tanstaaf") is True
+    assert credentials.checkPassword("tanstaaf") is True
+    assert credentials.checkPassword(b"tanstaaF") is False
+    assert credentials.checkPassword(b"") is False
+    upper = APOPCredentials(b"mrose", RFC_CHALLENGE, RFC_DIGEST.upper())
+    assert upper.checkPassword(b"tanstaaf") is True
+    other_challenge = APOPCredentials(b"mrose", b"<1@x>", RFC_DIGEST)
+    assert other_challenge.checkPassword(b"tanstaaf") is False
+    assert (
+        APOPCredentials(b"mrose", RFC_CHALLENGE, b"\xff" * 32).checkPassword(
+            b"tanstaaf"
+        )
+        is False
+    )
+
+
+def test_apop_compares_in_constant_time(monkeypatch):
+    import hmac
+
+    calls = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(
+        hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b)
+    )
+    APOPCredentials(b"mrose", RFC_CHALLENGE, RFC_DIGEST.upper()).checkPassword(
+        b"tanstaaf"
+    )
+    assert calls == [(RFC_DIGEST, RFC_DIGEST)]
+
+
+def test_apop_credentials_repr_hides_the_digest():
+    assert RFC_DIGEST.decode() not in repr(
+        APOPCredentials(b"m", RFC_CHALLENGE, RFC_DIGEST)
+    )
+
+
+def test_checker_apop(make_checker, pool):
+    checker = make_checker(
+        "alice:{PLAIN}wonder\n"
+        "Carol:{PLAIN.B64}YTpi\n"  # "a:b"
+        f"bob:{SECRET_HASH}\n"
+        "gone:{PLAIN}x:::::: nologin\n"
+    )
+    assert login(checker, pool, apop(b"alice", b"wonder")) == "alice"
+    assert login(checker, pool, apop(b"CAROL", b"a:b")) == "carol"
+    refused = [
+        apop(b"alice", b"Wonder"),
+        apop(b"bob", b"secret"),  # no plaintext to check against
+        apop(b"nobody", b"x"),
+        apop(b"gone", b"x"),
+        APOPCredentials(b"alice", RFC_CHALLENGE, b"not hex"),
+    ]
+    for credentials in refused:
+        refusal_message(login(checker, pool, credentials))
+
+
+# -- editing the file ---------------------------------------------------------
+
+
+def test_set_password_creates_a_private_file(users_path):
+    old_umask = os.umask(0o022)
+    try:
+        assert set_password(users_path, "Bob", "{PLAIN}x") is True
+    finally:
+        os.umask(old_umask)
+    assert users_path.read_bytes() == b"bob:{PLAIN}x\n"
+    assert stat.S_IMODE(os.stat(users_path).st_mode) == 0o600
+
+
+ORIGINAL = (
+    b"# the users\r\n"
+    b"alice:{PLAIN}a:1000:1000::/home/alice::userdb_quota_rule=*:storage=1G\r\n"
+    b"\r\n"
+    b"#bob:{PLAIN}commented-out\r\n"
+    b"Bob:{PLAIN}old:1001:1001:Bob:/home/bob:/bin/sh:nologin\r\n"
+    b"carol:{PLAIN}c"
+)
+
+
+def test_set_password_updates_in_place(users_path):
+    write(users_path, ORIGINAL)
+    os.chmod(users_path, 0o640)
+    assert set_password(users_path, "bob", "{PLAIN}new") is False
+    assert users_path.read_bytes() == ORIGINAL.replace(
+        b"Bob:{PLAIN}old:", b"Bob:{PLAIN}new:"
+    )
+    assert stat.S_IMODE(os.stat(users_path).st_mode) == 0o640
+    assert os.listdir(users_path.parent) == ["users"]  # no temporary left
+
+
+def test_set_password_appends_in_the_files_style(users_path):
+    write(users_path, ORIGINAL)
+    assert set_password(users_path, "Dave", "{PLAIN}d") is True
+    assert users_path.read_bytes() == ORIGINAL + b"\r\ndave:{PLAIN}d\r\n"
+    write(users_path, b"a:{PLAIN}a\n")
+    assert set_password(users_path, "e", "{PLAIN}e") is True
+    assert users_path.read_bytes() == b"a:{PLAIN}a\ne:{PLAIN}e\n"
+
+
+def test_set_password_utf8_name(users_path):
+    assert set_password(users_path, "Jürgen", "{PLAIN}x") is True
+    assert set_password(users_path, "JÜRGEN", "{PLAIN}y") is False
+    assert users_path.read_bytes() == "jürgen:{PLAIN}y\n".encode()
+    assert PasswdFile(users_path).lookup("jürgen").password == "{PLAIN}y"
+
+
+BAD_NAMES = [
+    "",
+    "a:b",
+    "a b",
+    "a\tb",
+    "a\nb",
+    "a\x00b",
+    "a\x7fb",
+    "a\u200bb",  # zero-width space: a format character
+    "a\u00a0b",  # no-break space
+    "#a",
+    ".",
+    "..",
+    "a/b",
+    "a\\b",
+]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_set_password_refuses_bad_names(users_path, name):
+    with pytest.raises(ValueError, match="user name|cannot be"):
+        set_password(users_path, name, "{PLAIN}x")
+    assert not users_path.exists()
+    with pytest.raises(ValueError):
+        validate_username(name)
+
+
+@pytest.mark.parametrize("stored", ["", "{PLAIN}a:b", "{PLAIN}a\nb", "{PLAIN}a\x00"])
+def test_set_password_refuses_bad_hashes(users_path, stored):
+    with pytest.raises(ValueError, match="stored password"):
+        set_password(users_path, "bob", stored)
+    assert not users_path.exists()
+
+
+def test_set_password_failure_leaves_the_file_alone(users_path, monkeypatch):
+    write(users_path, ORIGINAL)
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        set_password(users_path, "bob", "{PLAIN}new")
+    assert users_path.read_bytes() == ORIGINAL
+    assert os.listdir(users_path.parent) == ["users"]
+
+
+def test_set_password_through_a_symlink(tmp_path):
+    target = tmp_path / "real-users"
+    write(target, b"a:{PLAIN}a\n")
+    link = tmp_path / "users"
+    link.symlink_to(target)
+    set_password(link, "b", "{PLAIN}b")
+    assert link.is_symlink()
+    assert target.read_bytes() == b"a:{PLAIN}a\nb:{PLAIN}b\n"
+
+
+def test_delete_user(users_path):
+    write(users_path, ORIGINAL + b"\r\nbob:{PLAIN}dup\r\n")
+    assert delete_user(users_path, "BOB") is True
+    assert (
+        users_path.read_bytes()
+        == ORIGINAL.replace(
+            b"Bob:{PLAIN}old:1001:1001:Bob:/home/bob:/bin/sh:nologin\r\n", b""
+        )
+        + b"\r\n"
+    )
+    assert delete_user(users_path, "bob") is False
+    missing = users_path.parent / "missing"
+    assert delete_user(missing, "bob") is False
+    assert not missing.exists()
