@@ -1,0 +1,703 @@
+"""
+The POP3 server protocol: RFC 1939 with RFC 2449 (CAPA, response codes,
+pipelining), RFC 2595 (STLS), RFC 5034 (AUTH) and RFC 6856 (UTF8).
+
+It knows neither storage nor password formats: credentials go to a Cred
+portal, which answers with an L{IMaildrop}; messages come out of that
+maildrop as files and leave through L{popd.stream}.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from base64 import b64encode
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from ipaddress import ip_address, ip_network
+
+from twisted.cred.credentials import IUsernameHashedPassword, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from popd import sasl
+from popd.auth.credentials import APOPCredentials
+from popd.interfaces import (
+    IMaildrop,
+    MaildropError,
+    MaildropInUse,
+    MaildropUnavailable,
+)
+from popd.listing import send_lines
+from popd.parser import Line, LineParser, OverlongLine
+from popd.stream import send_message
+
+log = Logger()
+
+# RFC 2449 section 4: a command line is at most 255 octets with its CRLF.
+MAX_COMMAND_OCTETS = 255
+# Pipelined lines waiting while a command is busy; past this the transport
+# stops reading, so a client cannot make the server queue without bound.
+MAX_QUEUED_LINES = 64
+
+
+@dataclass(frozen=True)
+class SessionPolicy:
+    """
+    Everything a session needs to know about the server's configuration.
+
+    @ivar plaintext: C{"tls-only"} refuses USER/PASS and plaintext SASL
+        before TLS except from trusted networks; C{"always"} allows them.
+    @ivar trusted_networks: where plaintext login is allowed without TLS.
+    @ivar auth_timeout: idle seconds allowed before login.
+    @ivar transaction_timeout: idle seconds allowed after login (RFC 1939
+        section 3 asks for at least ten minutes).
+    @ivar max_bad_commands: unknown or malformed commands before the server
+        hangs up.
+    @ivar max_auth_failures: failed logins per connection before hang-up.
+    @ivar apop: offer APOP (a timestamp in the greeting).
+    @ivar expire: the EXPIRE capability's argument, or C{None} to omit it.
+    @ivar login_delay: the LOGIN-DELAY capability's seconds, or C{None}.
+    """
+
+    plaintext: str = "tls-only"
+    trusted_networks: tuple = ("127.0.0.0/8", "::1/128")
+    auth_timeout: float = 120.0
+    transaction_timeout: float = 600.0
+    max_bad_commands: int = 20
+    max_auth_failures: int = 3
+    apop: bool = False
+    expire: str | None = None
+    login_delay: int | None = None
+    implementation: str = "popd"
+    hostname: str = field(default_factory=socket.gethostname)
+
+    @cached_property
+    def _networks(self) -> tuple:
+        return tuple(ip_network(network) for network in self.trusted_networks)
+
+    def is_trusted(self, host: str | None) -> bool:
+        """
+        Whether C{host} lies in a trusted network (UNIX sockets do).
+        """
+        if host is None:
+            return True
+        try:
+            address = ip_address(host)
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._networks)
+
+
+class _Reply:
+    """
+    Shorthands for the status lines; response codes per RFC 2449 section 8.
+    """
+
+    @staticmethod
+    def ok(text: str = "") -> bytes:
+        return b"+OK" + (b" " + text.encode("utf-8") if text else b"") + b"\r\n"
+
+    @staticmethod
+    def err(text: str, code: str | None = None) -> bytes:
+        prefix = f"[{code}] " if code else ""
+        return f"-ERR {prefix}{text}\r\n".encode()
+
+
+class CommandError(Exception):
+    """
+    A command the client got wrong: answered with C{-ERR}, counted as bad.
+    """
+
+
+AUTHORIZATION, TRANSACTION, UPDATE = "AUTHORIZATION", "TRANSACTION", "UPDATE"
+
+
+def _ascii(text: bytes) -> str:
+    return text.decode("ascii", "replace")
+
+
+def _disable_nagle(transport) -> None:
+    """
+    Send replies at once: with Nagle's algorithm a reply waits for the ACK
+    of the previous one, which clients delay, costing a round trip each.
+    """
+    while transport is not None:
+        set_no_delay = getattr(transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+            return
+        transport = getattr(transport, "transport", None)
+
+
+class POP3Server(Protocol, TimeoutMixin):
+    """
+    One POP3 session.  Commands are handled strictly in order: a handler
+    that waits (PASS, RETR) holds the queue until its reply is written.
+    """
+
+    _STATE_COMMANDS = {
+        AUTHORIZATION: frozenset(
+            {"CAPA", "USER", "PASS", "APOP", "AUTH", "STLS", "UTF8", "QUIT"}
+        ),
+        TRANSACTION: frozenset(
+            {
+                "CAPA",
+                "STAT",
+                "LIST",
+                "RETR",
+                "DELE",
+                "NOOP",
+                "RSET",
+                "QUIT",
+                "TOP",
+                "UIDL",
+            }
+        ),
+        UPDATE: frozenset(),
+    }
+    _ALL_COMMANDS = frozenset().union(*_STATE_COMMANDS.values())
+
+    def __init__(self, factory: POP3Factory) -> None:
+        self.factory = factory
+        self.policy = factory.policy
+        self.callLater = factory.reactor.callLater
+        self.state = AUTHORIZATION
+        self._parser = LineParser()
+        self._queue: deque[Line | OverlongLine] = deque()
+        self._busy = False
+        self._reading_paused = False
+        self._closing = False
+        self._secure = False
+        self._user: bytes | None = None
+        self._challenge: bytes | None = None
+        self._sasl_step: Callable[[bytes], Deferred | None] | None = None
+        self._bad_commands = 0
+        self._auth_failures = 0
+        self._maildrop = None
+        self._avatar_id: str | None = None
+        self._deleted: set[int] = set()
+        self._started = time.monotonic()
+        self._end_reason = "disconnected"
+        self._retrieved = [0, 0]
+        self._removed = [0, 0]
+
+    # Connection life cycle
+
+    def connectionMade(self) -> None:
+        self._secure = self.factory.implicit_tls
+        _disable_nagle(self.transport)
+        peer = self.transport.getPeer()
+        self._peer_host = getattr(peer, "host", None)
+        self._trusted = self.policy.is_trusted(self._peer_host)
+        self.setTimeout(self.policy.auth_timeout)
+        greeting = "POP3 server ready."
+        if self.policy.apop and self.factory.portal_supports_apop:
+            self._challenge = (
+                f"<{os.getpid()}.{time.time_ns()}@{self.policy.hostname}>".encode()
+            )
+            greeting += " " + self._challenge.decode()
+        self.transport.write(_Reply.ok(greeting))
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self.resetTimeout()
+        self._queue.extend(self._parser.feed(data))
+        self._run_queue()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.setTimeout(None)
+        self._closing = True
+        self._queue.clear()
+        if self._maildrop is not None:
+            maildrop, self._maildrop = self._maildrop, None
+            maildrop.release().addErrback(
+                lambda failure: log.failure("releasing maildrop", failure)
+            )
+        self._log_session()
+
+    def timeoutConnection(self) -> None:
+        self._end_reason = "timeout"
+        self._close(_Reply.err("Disconnected for inactivity."))
+
+    def _close(self, last_reply: bytes | None = None) -> None:
+        if last_reply is not None:
+            self.transport.write(last_reply)
+        self._closing = True
+        self._queue.clear()
+        self.transport.loseConnection()
+
+    def _log_session(self) -> None:
+        log.info(
+            "session end user={user} client={client} tls={tls} "
+            "retrieved={retrieved}/{retrieved_octets} "
+            "deleted={deleted}/{deleted_octets} duration={duration:.3f}s "
+            "end={end}",
+            user=self._avatar_id or "-",
+            client=self._peer_host,
+            tls="yes" if self._secure else "no",
+            retrieved=self._retrieved[0],
+            retrieved_octets=self._retrieved[1],
+            deleted=self._removed[0],
+            deleted_octets=self._removed[1],
+            duration=time.monotonic() - self._started,
+            end=self._end_reason,
+        )
+
+    # The command queue
+
+    def _run_queue(self) -> None:
+        while self._queue and not self._busy and not self._closing:
+            waiting = self._handle_line(self._queue.popleft())
+            if waiting is not None:
+                self._busy = True
+                waiting.addErrback(self._internal_error)
+                waiting.addBoth(self._command_done)
+        self._throttle_reading()
+
+    def _command_done(self, _ignored: object) -> None:
+        self._busy = False
+        self.resetTimeout()
+        self._run_queue()
+
+    def _throttle_reading(self) -> None:
+        if self._closing:
+            return
+        full = len(self._queue) >= MAX_QUEUED_LINES
+        if full and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+        elif not full and self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
+    def _internal_error(self, failure: Failure) -> None:
+        log.failure("command failed", failure)
+        self._close(_Reply.err("Internal error.", "SYS/TEMP"))
+
+    def _handle_line(self, line: Line | OverlongLine) -> Deferred | None:
+        if self._sasl_step is not None:
+            step, self._sasl_step = self._sasl_step, None
+            if isinstance(line, OverlongLine):
+                self._bad(_Reply.err("SASL response too long."))
+                return None
+            return step(line.text)
+        if isinstance(line, OverlongLine) or line.octets > MAX_COMMAND_OCTETS:
+            self._bad(_Reply.err("Command line too long."))
+            return None
+        keyword, _, argument = line.text.partition(b" ")
+        command = _ascii(keyword).upper()
+        if command not in self._STATE_COMMANDS[self.state]:
+            if command in self._ALL_COMMANDS:
+                self._bad(_Reply.err(f"{command} is not valid in this state."))
+            else:
+                self._bad(_Reply.err(f"Unknown command: {command[:40]}"))
+            return None
+        handler = getattr(self, "do_" + command)
+        try:
+            return handler(argument)
+        except CommandError as error:
+            self._bad(_Reply.err(str(error)))
+            return None
+
+    def _bad(self, reply: bytes) -> None:
+        self._bad_commands += 1
+        if self._bad_commands >= self.policy.max_bad_commands:
+            self._end_reason = "too many bad commands"
+            self._close(reply + _Reply.err("Too many bad commands."))
+        else:
+            self.transport.write(reply)
+
+    # AUTHORIZATION state
+
+    def _plaintext_allowed(self) -> bool:
+        return self.policy.plaintext == "always" or self._secure or self._trusted
+
+    def capabilities(self) -> list[str]:
+        """
+        The CAPA lines true for this connection right now.
+
+        RFC 2449 section 5 wants what AUTHORIZATION offers announced in both
+        states, so the list only depends on TLS and the policy.
+        """
+        capabilities = [
+            "CAPA",
+            "TOP",
+            "UIDL",
+            "RESP-CODES",
+            "AUTH-RESP-CODE",
+            "PIPELINING",
+            "UTF8 USER",
+        ]
+        if self._plaintext_allowed():
+            capabilities.append("USER")
+        mechanisms = self._mechanisms()
+        if mechanisms:
+            capabilities.append("SASL " + " ".join(mechanisms))
+        if self.factory.tls_options is not None and not self._secure:
+            capabilities.append("STLS")
+        if self.policy.expire is not None:
+            capabilities.append(f"EXPIRE {self.policy.expire}")
+        if self.policy.login_delay is not None:
+            capabilities.append(f"LOGIN-DELAY {self.policy.login_delay}")
+        capabilities.append(f"IMPLEMENTATION {self.policy.implementation}")
+        return capabilities
+
+    def _mechanisms(self) -> list[str]:
+        return [
+            name
+            for name, mechanism in sasl.MECHANISMS.items()
+            if self._plaintext_allowed() or not mechanism.plaintext
+        ]
+
+    def do_CAPA(self, argument: bytes) -> Deferred:
+        self._no_argument(argument)
+        self.transport.write(_Reply.ok("Capability list follows"))
+        return send_lines(
+            self.transport,
+            (f"{line}\r\n".encode() for line in self.capabilities()),
+        )
+
+    def do_STLS(self, argument: bytes) -> None:
+        self._no_argument(argument)
+        if self._secure:
+            raise CommandError("TLS is already active.")
+        if self.factory.tls_options is None:
+            raise CommandError("TLS support isn't enabled.")
+        self.transport.write(_Reply.ok("Begin TLS negotiation now."))
+        # RFC 2595 section 4 and CVE-2011-0411: whatever the client sent
+        # after STLS, before the handshake, is not to be trusted.
+        self._queue.clear()
+        self._parser.reset()
+        self._user = None
+        self.transport.startTLS(self.factory.tls_options)
+        self._secure = True
+
+    def do_UTF8(self, argument: bytes) -> None:
+        self._no_argument(argument)
+        # User names and passwords are UTF-8 in any case, and messages pass
+        # through unchanged, so the command only has to be acknowledged.
+        self.transport.write(_Reply.ok("UTF8 enabled"))
+
+    def do_USER(self, argument: bytes) -> None:
+        if not argument:
+            raise CommandError("USER needs a user name.")
+        if not self._plaintext_allowed():
+            self._user = None
+            self.transport.write(self._plaintext_refused())
+            return
+        self._user = argument
+        self.transport.write(_Reply.ok())
+
+    def _plaintext_refused(self) -> bytes:
+        return _Reply.err(
+            "Plaintext authentication disallowed on non-secure (SSL/TLS) connections.",
+            "AUTH",
+        )
+
+    def do_PASS(self, argument: bytes) -> Deferred | None:
+        if self._user is None:
+            raise CommandError("No user name given: USER comes first.")
+        user, self._user = self._user, None
+        return self._login(UsernamePassword(user, argument), "USER")
+
+    def do_APOP(self, argument: bytes) -> Deferred | None:
+        if self._challenge is None:
+            raise CommandError("APOP is not enabled.")
+        user, _, digest = argument.rpartition(b" ")
+        if not user or len(digest) != 32:
+            raise CommandError("Usage: APOP name digest")
+        return self._login(APOPCredentials(user, self._challenge, digest), "APOP")
+
+    def do_AUTH(self, argument: bytes) -> Deferred | None:
+        if not argument:
+            self.transport.write(_Reply.ok("Methods supported:"))
+            return send_lines(
+                self.transport, (f"{name}\r\n".encode() for name in self._mechanisms())
+            )
+        name, _, initial = argument.partition(b" ")
+        mechanism = sasl.MECHANISMS.get(_ascii(name).upper())
+        if mechanism is None or _ascii(name).upper() not in self._mechanisms():
+            if mechanism is not None and mechanism.plaintext:
+                self.transport.write(self._plaintext_refused())
+                return None
+            raise CommandError("Unsupported authentication mechanism.")
+        return self._sasl_exchange(mechanism.start(), initial or None)
+
+    def _sasl_exchange(self, exchange, response: bytes | None) -> Deferred | None:
+        if response == b"*":
+            self.transport.write(_Reply.err("Authentication cancelled."))
+            return None
+        try:
+            outcome = exchange.step(response)
+        except sasl.SASLError as error:
+            self.transport.write(_Reply.err(str(error), "AUTH"))
+            self._count_auth_failure()
+            return None
+        if isinstance(outcome, sasl.Challenge):
+            self.transport.write(b"+ " + b64encode(outcome.data) + b"\r\n")
+            self._sasl_step = lambda line: self._sasl_exchange(exchange, line)
+            return None
+        return self._login(outcome, exchange.name)
+
+    def _login(self, credentials, mechanism: str) -> Deferred:
+        login = self.factory.portal.login(credentials, None, IMaildrop)
+        return login.addCallbacks(
+            self._logged_in,
+            self._login_failed,
+            callbackArgs=(credentials, mechanism),
+            errbackArgs=(mechanism,),
+        )
+
+    def _logged_in(self, result, credentials, mechanism: str) -> None:
+        _interface, maildrop, _logout = result
+        if self._closing:
+            maildrop.release()
+            return
+        self._maildrop = maildrop
+        self._avatar_id = credentials.username
+        if isinstance(self._avatar_id, bytes):
+            self._avatar_id = self._avatar_id.decode("utf-8", "replace")
+        self.state = TRANSACTION
+        self.setTimeout(self.policy.transaction_timeout)
+        log.info(
+            "login user={user} client={client} mechanism={mechanism}",
+            user=self._avatar_id,
+            client=self._peer_host,
+            mechanism=mechanism,
+        )
+        count = len(maildrop.messages)
+        size = sum(message.size for message in maildrop.messages)
+        self.transport.write(_Reply.ok(f"Logged in, {count} messages ({size} octets)."))
+
+    def _login_failed(self, failure: Failure, mechanism: str) -> None:
+        log.info(
+            "login failed client={client} mechanism={mechanism} reason={reason}",
+            client=self._peer_host,
+            mechanism=mechanism,
+            reason=failure.type.__name__,
+        )
+        if failure.check(UnauthorizedLogin):
+            self.transport.write(_Reply.err("Authentication failed.", "AUTH"))
+            self._count_auth_failure()
+        elif failure.check(MaildropInUse):
+            self.transport.write(
+                _Reply.err("Mailbox is locked by another POP3 session.", "IN-USE")
+            )
+        elif failure.check(MaildropUnavailable):
+            self.transport.write(
+                _Reply.err("Mailbox is temporarily unavailable.", "SYS/TEMP")
+            )
+        elif failure.check(MaildropError):
+            self.transport.write(_Reply.err("Mailbox cannot be opened.", "SYS/PERM"))
+        else:
+            log.failure("login error", failure)
+            self.transport.write(_Reply.err("Internal error.", "SYS/TEMP"))
+
+    def _count_auth_failure(self) -> None:
+        self._auth_failures += 1
+        if self._auth_failures >= self.policy.max_auth_failures:
+            self._end_reason = "too many authentication failures"
+            self._close(_Reply.err("Too many authentication failures.", "AUTH"))
+
+    # TRANSACTION state
+
+    def _no_argument(self, argument: bytes) -> None:
+        if argument:
+            raise CommandError("This command takes no arguments.")
+
+    def _arguments(self, argument: bytes, required: int, optional: int = 0) -> list:
+        words = argument.split()
+        if len(words) < required:
+            raise CommandError("Missing argument.")
+        if len(words) > required + optional:
+            raise CommandError("Too many arguments.")
+        return words
+
+    def _message_index(self, word: bytes) -> int:
+        if not word.isdigit() or len(word) > 10:
+            raise CommandError(f"Invalid message number: {_ascii(word)[:20]}")
+        number = int(word)
+        if not 1 <= number <= len(self._maildrop.messages):
+            raise CommandError(f"There's no message {number}.")
+        if number - 1 in self._deleted:
+            raise CommandError(f"Message {number} is deleted.")
+        return number - 1
+
+    def _live(self):
+        deleted = self._deleted
+        for index, message in enumerate(self._maildrop.messages):
+            if index not in deleted:
+                yield index + 1, message
+
+    def do_STAT(self, argument: bytes) -> None:
+        self._no_argument(argument)
+        count = octets = 0
+        for _, message in self._live():
+            count += 1
+            octets += message.size
+        self.transport.write(_Reply.ok(f"{count} {octets}"))
+
+    def _listing(self, argument: bytes, field_of) -> Deferred | None:
+        words = self._arguments(argument, 0, 1)
+        if words:
+            index = self._message_index(words[0])
+            message = self._maildrop.messages[index]
+            self.transport.write(_Reply.ok(f"{index + 1} {field_of(message)}"))
+            return None
+        self.transport.write(_Reply.ok())
+        return send_lines(
+            self.transport,
+            (
+                f"{number} {field_of(message)}\r\n".encode()
+                for number, message in self._live()
+            ),
+        )
+
+    def do_LIST(self, argument: bytes) -> Deferred | None:
+        return self._listing(argument, lambda message: message.size)
+
+    def do_UIDL(self, argument: bytes) -> Deferred | None:
+        return self._listing(argument, lambda message: message.uid)
+
+    def do_RETR(self, argument: bytes) -> Deferred:
+        (word,) = self._arguments(argument, 1)
+        return self._send(self._message_index(word), None)
+
+    def do_TOP(self, argument: bytes) -> Deferred:
+        word, lines = self._arguments(argument, 2)
+        index = self._message_index(word)
+        if not lines.isdigit() or len(lines) > 10:
+            raise CommandError(f"Invalid line count: {_ascii(lines)[:20]}")
+        return self._send(index, int(lines))
+
+    def _send(self, index: int, body_lines: int | None) -> Deferred:
+        size = self._maildrop.messages[index].size
+
+        def opened(message):
+            self.transport.write(_Reply.ok(f"{size} octets"))
+            return send_message(
+                self.transport,
+                message,
+                body_lines,
+                on_progress=self.resetTimeout,
+                clock=self.factory.reactor,
+            ).addCallbacks(sent, broken)
+
+        def sent(octets: int) -> None:
+            if body_lines is None:
+                self._retrieved[0] += 1
+                self._retrieved[1] += octets
+
+        def unreadable(failure: Failure) -> None:
+            failure.trap(MaildropError, OSError)
+            log.warn(
+                "message {number} of {user} unreadable: {error}",
+                number=index + 1,
+                user=self._avatar_id,
+                error=failure.getErrorMessage(),
+            )
+            self.transport.write(_Reply.err("Message can't be read.", "SYS/TEMP"))
+
+        def broken(failure: Failure) -> None:
+            # Half a message is on the wire: the session cannot go on.
+            if not self._closing:
+                log.failure("sending message failed", failure)
+                self._end_reason = "message send failed"
+                self.transport.abortConnection()
+            self._closing = True
+
+        return maybeDeferred(self._maildrop.read, index).addCallbacks(
+            opened, unreadable
+        )
+
+    def do_DELE(self, argument: bytes) -> None:
+        (word,) = self._arguments(argument, 1)
+        index = self._message_index(word)
+        self._deleted.add(index)
+        self.transport.write(_Reply.ok(f"Message {index + 1} marked for deletion."))
+
+    def do_NOOP(self, argument: bytes) -> None:
+        self._no_argument(argument)
+        self.transport.write(_Reply.ok())
+
+    def do_RSET(self, argument: bytes) -> None:
+        self._no_argument(argument)
+        self._deleted.clear()
+        count = len(self._maildrop.messages)
+        self.transport.write(_Reply.ok(f"Maildrop has {count} messages."))
+
+    def do_QUIT(self, argument: bytes) -> Deferred | None:
+        self._end_reason = "quit"
+        if self.state == AUTHORIZATION:
+            self._close(_Reply.ok("Logging out."))
+            return None
+        self.state = UPDATE
+        maildrop, self._maildrop = self._maildrop, None
+        deleted = sorted(self._deleted)
+
+        def committed(_ignored: object) -> None:
+            self._removed[0] = len(deleted)
+            self._removed[1] = sum(maildrop.messages[i].size for i in deleted)
+            self._close(
+                _Reply.ok(
+                    "Logging out, messages deleted." if deleted else "Logging out."
+                )
+            )
+
+        def failed(failure: Failure) -> None:
+            log.failure(
+                "committing deletions for {user}", failure, user=self._avatar_id
+            )
+            self._close(
+                _Reply.err("Some deleted messages were not removed.", "SYS/TEMP")
+            )
+
+        return maybeDeferred(maildrop.commit, deleted).addCallbacks(committed, failed)
+
+
+class POP3Factory(Factory):
+    """
+    Builds L{POP3Server} sessions that share one portal and one policy.
+
+    @ivar tls_options: the context factory STLS starts TLS with, or C{None}
+        where STLS is not offered.
+    @ivar implicit_tls: whether sessions run inside TLS from the start
+        (RFC 8314 implicit TLS, port 995).
+    @ivar reactor: the clock for timeouts and the pacing of long replies.
+    """
+
+    protocol = POP3Server
+    noisy = False
+
+    def __init__(
+        self,
+        portal,
+        policy: SessionPolicy,
+        tls_options=None,
+        implicit_tls: bool = False,
+        reactor=None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.portal = portal
+        self.policy = policy
+        self.tls_options = None if implicit_tls else tls_options
+        self.implicit_tls = implicit_tls
+        self.portal_supports_apop = (
+            IUsernameHashedPassword in portal.listCredentialsInterfaces()
+        )
+
+    def buildProtocol(self, addr) -> POP3Server:
+        return POP3Server(self)
