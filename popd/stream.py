@@ -95,6 +95,17 @@ def wire_size(data: bytes) -> int:
     return counter.size
 
 
+def file_wire_size(message: BinaryIO, chunk_size: int = 65536) -> int:
+    """
+    @return: the CRLF-form octets of what is left in the binary file
+        C{message}, read C{chunk_size} octets at a time.
+    """
+    counter = WireSizeCounter()
+    for chunk in iter(lambda: message.read(chunk_size), b""):
+        counter.feed(chunk)
+    return counter.size
+
+
 def _to_crlf(data: bytes) -> bytes:
     """
     @return: C{data} with every LF not preceded by CR turned into CRLF.

@@ -1,0 +1,807 @@
+"""
+Tests for L{popd.maildrops.maildir}, run without a reactor: the provider is
+given a thread pool that runs work at once and a reactor that calls back at
+once, so every L{Deferred} has fired when the call returns.
+"""
+
+import hashlib
+import io
+import os
+import re
+import selectors
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from popd.interfaces import (
+    IMaildrop,
+    IMaildropProvider,
+    MaildropError,
+    MaildropInUse,
+    MaildropUnavailable,
+    MessageInfo,
+    NoSuchUser,
+)
+from popd.maildrops import maildir
+from popd.maildrops.maildir import (
+    CHUNK_SIZE,
+    SIZE_CACHE_FILE,
+    MaildirProvider,
+    uid_for,
+)
+from popd.stream import file_wire_size
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ImmediateThreadPool:
+    """
+    Runs "threaded" work at once, in the calling thread.
+    """
+
+    def callInThreadWithCallback(self, onResult, function, *args, **kwargs):
+        try:
+            result = function(*args, **kwargs)
+        except BaseException:
+            onResult(False, Failure())
+        else:
+            onResult(True, result)
+
+
+class ImmediateReactor:
+    """
+    Delivers results from the "thread" at once.
+    """
+
+    def callFromThread(self, function, *args, **kwargs):
+        function(*args, **kwargs)
+
+
+def result(d: Deferred):
+    """
+    The result of an already fired L{Deferred}; raise its failure.
+    """
+    outcome = []
+    d.addBoth(outcome.append)
+    assert outcome, "the Deferred has not fired"
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]
+
+
+def crlf_reference(data: bytes) -> int:
+    return len(re.sub(rb"(?<!\r)\n", b"\r\n", data))
+
+
+def make_provider(root: Path, **kwargs) -> MaildirProvider:
+    return MaildirProvider(
+        str(root / "%u" / "Maildir"),
+        reactor=ImmediateReactor(),
+        threadpool=ImmediateThreadPool(),
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def provider(tmp_path: Path) -> MaildirProvider:
+    return make_provider(tmp_path)
+
+
+@pytest.fixture
+def box(tmp_path: Path, provider: MaildirProvider) -> Path:
+    """
+    Bob's (empty, created) Maildir.
+    """
+    result(provider.open("bob")).release()
+    return tmp_path / "bob" / "Maildir"
+
+
+def put(box: Path, name: str, data: bytes, sub: str = "cur") -> Path:
+    """
+    Place a message the way another delivery agent would.
+    """
+    path = box / sub / name
+    path.write_bytes(data)
+    return path
+
+
+def count_message_opens(monkeypatch: pytest.MonkeyPatch, box: Path) -> list:
+    """
+    Record every C{os.open} of a file in C{new/} or C{cur/}.
+    """
+    opened = []
+    real_open = os.open
+    message_dirs = (str(box / "new"), str(box / "cur"))
+
+    def counting_open(path, *args, **kwargs):
+        if os.path.dirname(os.fspath(path)) in message_dirs:
+            opened.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    return opened
+
+
+def read_all(drop, index: int) -> bytes:
+    with result(drop.read(index)) as message:
+        return message.read()
+
+
+# Interfaces
+
+
+def test_provides_interfaces(provider: MaildirProvider) -> None:
+    verifyObject(IMaildropProvider, provider)
+    drop = result(provider.open("bob"))
+    verifyObject(IMaildrop, drop)
+    drop.release()
+
+
+# Delivery
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"",
+        b"Subject: hi\n\nbody\n",
+        b"Subject: hi\r\n\r\n.\r\n..dots\r\n",
+        bytes(range(256)) * 3,
+        b"\r\n" * CHUNK_SIZE + b"tail\r",
+    ],
+)
+def test_delivery_round_trip(provider: MaildirProvider, message: bytes) -> None:
+    uid = result(provider.deliver("bob", message))
+    drop = result(provider.open("bob"))
+    assert drop.messages == (MessageInfo(uid, crlf_reference(message)),)
+    assert read_all(drop, 0) == message
+    drop.release()
+
+
+def test_delivery_from_file(provider: MaildirProvider) -> None:
+    message = b"line\n" * (3 * CHUNK_SIZE // 5 + 7)
+    result(provider.deliver("bob", io.BytesIO(message)))
+    drop = result(provider.open("bob"))
+    assert drop.messages[0].size == crlf_reference(message)
+    assert read_all(drop, 0) == message
+    drop.release()
+
+
+def test_delivery_lands_in_new_with_sizes(
+    provider: MaildirProvider, tmp_path: Path
+) -> None:
+    uid = result(provider.deliver("bob", b"a\nb\r\n"))
+    box = tmp_path / "bob" / "Maildir"
+    [name] = os.listdir(box / "new")
+    assert name.endswith(",S=5,W=6")
+    assert uid == uid_for(name)
+    assert os.listdir(box / "tmp") == []
+    assert re.fullmatch(r"[0-9]+\.M[0-9]{6}P[0-9]+Q[0-9]+R[0-9a-f]+\..*", name)
+
+
+def test_delivery_durable_before_it_fires(
+    provider: MaildirProvider, tmp_path: Path, monkeypatch
+) -> None:
+    """
+    The file is synced before it is linked into C{new/}, and C{new/} after.
+    """
+    box = tmp_path / "bob" / "Maildir"
+    result(provider.deliver("bob", b"first\n"))
+    events = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def recording_link(source, target):
+        events.append(("link", os.path.dirname(target)))
+        real_link(source, target)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "link", recording_link)
+    result(provider.deliver("bob", b"second\n"))
+    [synced_file, linked, synced_dir] = events
+    assert synced_file[0] == "fsync"
+    assert os.path.dirname(synced_file[1]) == str(box / "tmp")
+    assert linked == ("link", str(box / "new"))
+    assert synced_dir == ("fsync", str(box / "new"))
+
+
+def test_commit_syncs_directories(
+    provider: MaildirProvider, tmp_path: Path, monkeypatch
+) -> None:
+    result(provider.deliver("bob", b"m\n"))
+    drop = result(provider.open("bob"))
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    result(drop.commit([0]))
+    box = tmp_path / "bob" / "Maildir"
+    assert sorted(synced) == [str(box / "cur"), str(box / "new")]
+
+
+def test_delivery_names_unique(provider: MaildirProvider) -> None:
+    uids = {result(provider.deliver("bob", b"x\n")) for _ in range(50)}
+    assert len(uids) == 50
+
+
+def test_delivery_creates_private_maildir(
+    provider: MaildirProvider, tmp_path: Path
+) -> None:
+    result(provider.deliver("bob", b"x"))
+    box = tmp_path / "bob" / "Maildir"
+    for sub in (box, box / "new", box / "cur", box / "tmp"):
+        assert stat.S_IMODE(sub.stat().st_mode) & 0o077 == 0
+
+
+def test_delivery_ignores_session_lock(provider: MaildirProvider) -> None:
+    drop = result(provider.open("bob"))
+    result(provider.deliver("bob", b"new mail\n"))
+    assert drop.messages == ()
+    drop.release()
+
+
+def test_failed_delivery_leaves_nothing(
+    provider: MaildirProvider, tmp_path: Path
+) -> None:
+    class Broken(io.BytesIO):
+        def read(self, size=-1):
+            raise OSError(5, "Input/output error")
+
+    with pytest.raises(MaildropUnavailable, match="Input/output error"):
+        result(provider.deliver("bob", Broken()))
+    box = tmp_path / "bob" / "Maildir"
+    assert os.listdir(box / "tmp") == os.listdir(box / "new") == []
+
+
+# Sizes
+
+
+@given(
+    parts=st.lists(st.sampled_from([b"a", b"\r", b"\n", b"\r\n", b"."])),
+    chunk_size=st.integers(min_value=1, max_value=7),
+)
+def test_crlf_size_any_chunking(parts: list, chunk_size: int) -> None:
+    data = b"".join(parts)
+    assert file_wire_size(io.BytesIO(data), chunk_size) == crlf_reference(data)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    body=st.lists(st.sampled_from([b"x" * 1000, b"\r", b"\n", b"\r\n"]), max_size=200),
+    pad=st.integers(min_value=0, max_value=3),
+)
+def test_stored_sizes_follow_crlf_rule(body: list, pad: int) -> None:
+    """
+    Messages without C{,W=} are measured by reading them, also across the
+    64 KiB chunk boundary.
+    """
+    data = b"y" * (CHUNK_SIZE - pad) + b"".join(body)
+    with tempfile.TemporaryDirectory() as root:
+        provider = make_provider(Path(root))
+        result(provider.open("bob")).release()
+        put(Path(root) / "bob" / "Maildir", "1.msg:2,", data)
+        drop = result(provider.open("bob"))
+        assert drop.messages[0].size == crlf_reference(data)
+        drop.release()
+
+
+@pytest.mark.parametrize("boundary", [b"\r\n", b"\r\r\n", b"\n\n", b"\r\r"])
+def test_chunk_boundary(box: Path, provider: MaildirProvider, boundary: bytes) -> None:
+    data = b"z" * (CHUNK_SIZE - 1) + boundary + b"end\n"
+    put(box, "1.msg", data)
+    drop = result(provider.open("bob"))
+    assert drop.messages[0].size == crlf_reference(data)
+    drop.release()
+
+
+def test_w_field_honoured(box: Path, provider: MaildirProvider, monkeypatch) -> None:
+    put(box, "1.msg,S=3,W=999:2,S", b"ab\n")
+    opened = count_message_opens(monkeypatch, box)
+    drop = result(provider.open("bob"))
+    assert drop.messages[0].size == 999
+    assert opened == []
+    drop.release()
+
+
+def test_s_field_not_taken_for_crlf_size(box: Path, provider: MaildirProvider) -> None:
+    put(box, "1.msg,S=3:2,S", b"ab\n")
+    drop = result(provider.open("bob"))
+    assert drop.messages[0].size == 4
+    drop.release()
+
+
+def test_size_cache_written_and_reused(
+    box: Path, provider: MaildirProvider, monkeypatch
+) -> None:
+    put(box, "1.a", b"one\n")
+    put(box, "2.b:2,S", b"two\r\n\n")
+    put(box, "3.c", b"three", sub="new")
+    first = result(provider.open("bob"))
+    first.release()
+    assert (box / SIZE_CACHE_FILE).exists()
+    opened = count_message_opens(monkeypatch, box)
+    second = result(provider.open("bob"))
+    assert opened == []
+    assert second.messages == first.messages
+    assert [m.size for m in second.messages] == [5, 7, 5]
+    second.release()
+
+
+def test_size_cache_not_rewritten_without_news(
+    box: Path, provider: MaildirProvider
+) -> None:
+    put(box, "1.a", b"one\n")
+    result(provider.open("bob")).release()
+    cache = box / SIZE_CACHE_FILE
+    os.utime(cache, (0, 0))
+    result(provider.open("bob")).release()
+    assert cache.stat().st_mtime == 0
+
+
+def test_size_cache_drops_vanished(box: Path, provider: MaildirProvider) -> None:
+    put(box, "1.gone", b"one\n")
+    put(box, "2.kept", b"two\n")
+    result(provider.open("bob")).release()
+    (box / "cur" / "1.gone").unlink()
+    put(box, "3.new", b"three\n")
+    result(provider.open("bob")).release()
+    cache = (box / SIZE_CACHE_FILE).read_bytes()
+    assert b"2.kept 5\n" in cache
+    assert b"3.new 7\n" in cache
+    assert b"1.gone" not in cache
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"",
+        b"\x00\xff garbage",
+        b"popd-sizes 1\n1.a notanumber\n",
+        b"popd-sizes 1\n1.a\n",
+        b"popd-sizes 1\n1.a -3\n",
+        b"popd-sizes 2\n1.a 100\n",
+    ],
+)
+def test_corrupt_size_cache_ignored(
+    box: Path, provider: MaildirProvider, garbage: bytes
+) -> None:
+    put(box, "1.a", b"one\n")
+    (box / SIZE_CACHE_FILE).write_bytes(garbage)
+    drop = result(provider.open("bob"))
+    assert drop.messages[0].size == 5
+    drop.release()
+    assert (box / SIZE_CACHE_FILE).read_bytes() == b"popd-sizes 1\n1.a 5\n"
+
+
+def test_cut_off_cache_line_not_trusted(
+    box: Path, provider: MaildirProvider, monkeypatch
+) -> None:
+    """
+    A crash may cut the last line short ("1234" to "12"); it is not used,
+    while the complete lines before it still are.
+    """
+    put(box, "1.a", b"one\n")
+    put(box, "2.b", b"two\n")
+    (box / SIZE_CACHE_FILE).write_bytes(b"popd-sizes 1\n1.a 5\n2.b 1")
+    opened = count_message_opens(monkeypatch, box)
+    drop = result(provider.open("bob"))
+    assert [m.size for m in drop.messages] == [5, 5]
+    assert opened == [str(box / "cur" / "2.b")]
+    drop.release()
+
+
+# UIDs and order
+
+
+def test_uid_stable_after_move_to_cur(
+    provider: MaildirProvider, tmp_path: Path
+) -> None:
+    uid = result(provider.deliver("bob", b"hello\n"))
+    box = tmp_path / "bob" / "Maildir"
+    [name] = os.listdir(box / "new")
+    first = result(provider.open("bob"))
+    first.release()
+    os.rename(box / "new" / name, box / "cur" / (name + ":2,S"))
+    second = result(provider.open("bob"))
+    assert second.messages == first.messages == (MessageInfo(uid, 7),)
+    assert read_all(second, 0) == b"hello\n"
+    second.release()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["x" * 71, "1.with space", "1.jürgen", "1.tab\there"],
+)
+def test_unusable_base_names_get_hashed_uid(
+    box: Path, provider: MaildirProvider, name: str
+) -> None:
+    put(box, name + ":2,S", b"m\n")
+    drop = result(provider.open("bob"))
+    uid = drop.messages[0].uid
+    assert uid == hashlib.sha1(name.encode()).hexdigest()
+    assert len(uid) == 40
+    drop.release()
+
+
+def test_seventy_character_base_name_kept(box: Path, provider: MaildirProvider) -> None:
+    name = "1." + "x" * 68
+    put(box, name + ":2,", b"m\n")
+    drop = result(provider.open("bob"))
+    assert drop.messages[0].uid == name
+    drop.release()
+
+
+def test_snapshot_in_delivery_order(box: Path, provider: MaildirProvider) -> None:
+    put(box, "10.b:2,S", b"")
+    put(box, "9.z", b"", sub="new")
+    put(box, "10.a", b"")
+    put(box, "nodigits", b"")
+    put(box, "100.a", b"", sub="new")
+    drop = result(provider.open("bob"))
+    assert [m.uid for m in drop.messages] == [
+        "nodigits",
+        "9.z",
+        "10.a",
+        "10.b",
+        "100.a",
+    ]
+    drop.release()
+
+
+def test_skips_dotfiles_links_and_directories(
+    box: Path, provider: MaildirProvider, tmp_path: Path
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not yours\n")
+    put(box, ".hidden", b"x")
+    (box / "cur" / "1.link").symlink_to(secret)
+    (box / "new" / "2.dir").mkdir()
+    put(box, "3.real", b"x")
+    drop = result(provider.open("bob"))
+    assert [m.uid for m in drop.messages] == ["3.real"]
+    drop.release()
+
+
+def test_same_base_name_twice_listed_once(box: Path, provider: MaildirProvider) -> None:
+    put(box, "1.dup", b"x", sub="new")
+    put(box, "1.dup:2,S", b"x")
+    drop = result(provider.open("bob"))
+    assert [m.uid for m in drop.messages] == ["1.dup"]
+    drop.release()
+
+
+# Sessions
+
+
+def test_snapshot_unchanged_by_delivery(provider: MaildirProvider) -> None:
+    result(provider.deliver("bob", b"first\n"))
+    drop = result(provider.open("bob"))
+    before = drop.messages
+    result(provider.deliver("bob", b"second\n"))
+    assert drop.messages == before
+    assert len(before) == 1
+    result(drop.commit([]))
+    drop = result(provider.open("bob"))
+    assert len(drop.messages) == 2
+    drop.release()
+
+
+def test_commit_deletes_only_given(provider: MaildirProvider) -> None:
+    uids = [result(provider.deliver("bob", b"m%d\n" % i)) for i in range(4)]
+    drop = result(provider.open("bob"))
+    result(drop.commit([1, 3, 1]))
+    drop = result(provider.open("bob"))
+    assert [m.uid for m in drop.messages] == [uids[0], uids[2]]
+    drop.release()
+
+
+def test_release_deletes_nothing(provider: MaildirProvider) -> None:
+    result(provider.deliver("bob", b"m\n"))
+    drop = result(provider.open("bob"))
+    result(drop.release())
+    result(drop.release())
+    result(drop.commit([0]))
+    drop = result(provider.open("bob"))
+    assert len(drop.messages) == 1
+    drop.release()
+
+
+def test_second_commit_harmless(provider: MaildirProvider) -> None:
+    result(provider.deliver("bob", b"m\n"))
+    drop = result(provider.open("bob"))
+    result(drop.commit([]))
+    result(provider.deliver("bob", b"later\n"))
+    assert result(drop.commit([0])) is None
+    assert result(drop.release()) is None
+    drop = result(provider.open("bob"))
+    assert len(drop.messages) == 2
+    drop.release()
+
+
+def test_commit_tolerates_vanished_and_moved(
+    provider: MaildirProvider, tmp_path: Path
+) -> None:
+    for i in range(3):
+        result(provider.deliver("bob", b"m%d\n" % i))
+    drop = result(provider.open("bob"))
+    box = tmp_path / "bob" / "Maildir"
+    names = sorted(os.listdir(box / "new"))
+    (box / "new" / names[0]).unlink()
+    os.rename(box / "new" / names[1], box / "cur" / (names[1] + ":2,S"))
+    result(drop.commit([0, 1]))
+    assert os.listdir(box / "cur") == []
+    assert os.listdir(box / "new") == [names[2]]
+
+
+def test_read_follows_moved_message(provider: MaildirProvider, tmp_path: Path) -> None:
+    result(provider.deliver("bob", b"moving\n"))
+    drop = result(provider.open("bob"))
+    box = tmp_path / "bob" / "Maildir"
+    [name] = os.listdir(box / "new")
+    os.rename(box / "new" / name, box / "cur" / (name + ":2,S"))
+    assert read_all(drop, 0) == b"moving\n"
+    os.rename(box / "cur" / (name + ":2,S"), box / "cur" / (name + ":2,RS"))
+    assert read_all(drop, 0) == b"moving\n"
+    drop.release()
+
+
+def test_read_vanished_message(provider: MaildirProvider, tmp_path: Path) -> None:
+    uid = result(provider.deliver("bob", b"gone\n"))
+    drop = result(provider.open("bob"))
+    box = tmp_path / "bob" / "Maildir"
+    for name in os.listdir(box / "new"):
+        (box / "new" / name).unlink()
+    with pytest.raises(MaildropError, match=f"{re.escape(uid)}.*removed"):
+        result(drop.read(0))
+    drop.release()
+
+
+def test_read_refuses_planted_symlink(
+    provider: MaildirProvider, tmp_path: Path
+) -> None:
+    result(provider.deliver("bob", b"mine\n"))
+    drop = result(provider.open("bob"))
+    box = tmp_path / "bob" / "Maildir"
+    [name] = os.listdir(box / "new")
+    (tmp_path / "secret").write_bytes(b"not yours\n")
+    (box / "new" / name).unlink()
+    (box / "new" / name).symlink_to(tmp_path / "secret")
+    with pytest.raises(MaildropError):
+        result(drop.read(0))
+    drop.release()
+
+
+def test_read_bad_index(provider: MaildirProvider) -> None:
+    result(provider.deliver("bob", b"m\n"))
+    drop = result(provider.open("bob"))
+    with pytest.raises(IndexError):
+        drop.read(1)
+    with pytest.raises(IndexError):
+        drop.read(-1)
+    with pytest.raises(IndexError):
+        drop.commit([5])
+    drop.release()
+
+
+def test_read_after_release_fails(provider: MaildirProvider) -> None:
+    result(provider.deliver("bob", b"m\n"))
+    drop = result(provider.open("bob"))
+    drop.release()
+    with pytest.raises(MaildropError, match="closed"):
+        result(drop.read(0))
+
+
+# Locking
+
+
+@pytest.mark.parametrize(
+    "close", [lambda drop: drop.release(), lambda drop: drop.commit([])]
+)
+def test_second_open_in_use_until_closed(
+    provider: MaildirProvider, close: Callable
+) -> None:
+    drop = result(provider.open("bob"))
+    with pytest.raises(MaildropInUse):
+        result(provider.open("bob"))
+    result(close(drop))
+    result(provider.open("bob")).release()
+
+
+def test_users_and_folders_lock_separately(provider: MaildirProvider) -> None:
+    bob = result(provider.open("bob"))
+    alice = result(provider.open("alice"))
+    sent = result(provider.open("bob", folder="Sent"))
+    for drop in (bob, alice, sent):
+        drop.release()
+
+
+def test_lock_released_when_scan_fails(
+    provider: MaildirProvider, box: Path, monkeypatch
+) -> None:
+    def failing_snapshot(root):
+        raise OSError(5, "Input/output error", root)
+
+    monkeypatch.setattr(maildir, "_snapshot", failing_snapshot)
+    with pytest.raises(MaildropUnavailable, match="Input/output error"):
+        result(provider.open("bob"))
+    monkeypatch.undo()
+    result(provider.open("bob")).release()
+
+
+def test_lock_released_when_commit_fails(
+    provider: MaildirProvider, monkeypatch
+) -> None:
+    result(provider.deliver("bob", b"m\n"))
+    drop = result(provider.open("bob"))
+
+    def failing_remove(root, message):
+        raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(maildir, "_remove", failing_remove)
+    with pytest.raises(MaildropUnavailable, match="Permission denied"):
+        result(drop.commit([0]))
+    result(provider.open("bob")).release()
+
+
+HOLDER = """
+import sys
+from twisted.internet import reactor
+from popd.maildrops.maildir import MaildirProvider
+
+held = []
+
+def locked(drop):
+    held.append(drop)  # an unreferenced maildrop's lock goes with it
+    print("locked", len(drop.messages), flush=True)
+
+def failed(failure):
+    print("failed", failure.getErrorMessage(), flush=True)
+    reactor.stop()
+
+provider = MaildirProvider(sys.argv[1])
+reactor.callWhenRunning(
+    lambda: provider.open("bob").addCallbacks(locked, failed)
+)
+reactor.run()
+"""
+
+
+def test_open_in_use_by_another_process(
+    provider: MaildirProvider, tmp_path: Path
+) -> None:
+    """
+    A popd process (with the real reactor and thread pool) holds bob's
+    maildrop; this one is refused until that process is killed.
+    """
+    result(provider.deliver("bob", b"m\n"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path / "%u" / "Maildir")],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+    )
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(holder.stdout, selectors.EVENT_READ)
+            assert selector.select(30), "the holder did not answer"
+        assert holder.stdout.readline() == b"locked 1\n"
+        with pytest.raises(MaildropInUse):
+            result(provider.open("bob"))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        holder.stdout.close()
+    result(provider.open("bob")).release()
+
+
+# Names, folders and errors
+
+
+@pytest.mark.parametrize("user", ["../x", "a/b", "\x00", ".", "..", "a\nb", ""])
+def test_unsafe_user_names(
+    provider: MaildirProvider, tmp_path: Path, user: str
+) -> None:
+    with pytest.raises(NoSuchUser):
+        result(provider.open(user))
+    with pytest.raises(NoSuchUser):
+        result(provider.deliver(user, b"m\n"))
+    with pytest.raises(NoSuchUser):
+        result(provider.folders(user))
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_maildir_without_create(tmp_path: Path) -> None:
+    provider = make_provider(tmp_path, create=False)
+    with pytest.raises(NoSuchUser):
+        result(provider.open("bob"))
+    with pytest.raises(NoSuchUser):
+        result(provider.deliver("bob", b"m\n"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_folder_without_create(tmp_path: Path, box: Path) -> None:
+    provider = make_provider(tmp_path, create=False)
+    result(provider.open("bob")).release()
+    with pytest.raises(MaildropError, match="no folder"):
+        result(provider.open("bob", folder="Sent"))
+
+
+def test_folders(provider: MaildirProvider, box: Path) -> None:
+    assert result(provider.folders("bob")) == []
+    result(provider.deliver("bob", b"sent\n", folder="Sent"))
+    result(provider.deliver("bob", b"list\n", folder="Lists.python"))
+    (box / ".NotAMaildir").mkdir()
+    (box / ".file").write_bytes(b"")
+    (box / "..bad").mkdir()
+    assert result(provider.folders("bob")) == ["Lists.python", "Sent"]
+    assert (box / ".Sent" / "maildirfolder").exists()
+
+
+def test_folder_delivery_creates_the_maildir_too(
+    provider: MaildirProvider, tmp_path: Path
+) -> None:
+    result(provider.deliver("bob", b"m\n", folder="Sent"))
+    box = tmp_path / "bob" / "Maildir"
+    assert sorted(os.listdir(box)) == [".Sent", "cur", "new", "tmp"]
+    assert result(provider.folders("bob")) == ["Sent"]
+
+
+def test_folders_of_missing_user(provider: MaildirProvider, tmp_path: Path) -> None:
+    assert result(provider.folders("nobody")) == []
+    assert os.listdir(tmp_path) == []
+
+
+def test_folder_sessions_are_separate(provider: MaildirProvider) -> None:
+    inbox_uid = result(provider.deliver("bob", b"inbox\n"))
+    sent_uid = result(provider.deliver("bob", b"sent\n", folder="Sent"))
+    sent = result(provider.open("bob", folder="Sent"))
+    assert [m.uid for m in sent.messages] == [sent_uid]
+    assert read_all(sent, 0) == b"sent\n"
+    sent.release()
+    for name in ("INBOX", "inbox", None):
+        drop = result(provider.open("bob", folder=name))
+        assert [m.uid for m in drop.messages] == [inbox_uid]
+        drop.release()
+
+
+@pytest.mark.parametrize("folder", ["../x", "a/b", ".", "..", ".Sent", "a..b", "\x00"])
+def test_unsafe_folder_names(
+    provider: MaildirProvider, tmp_path: Path, folder: str
+) -> None:
+    with pytest.raises(MaildropError):
+        result(provider.open("bob", folder=folder))
+    with pytest.raises(MaildropError):
+        result(provider.deliver("bob", b"m\n", folder=folder))
+    assert os.listdir(tmp_path) == []
+
+
+def test_os_errors_become_unavailable(provider: MaildirProvider, box: Path) -> None:
+    """
+    A broken Maildir (here C{new} is a file) is a temporary failure, not a
+    raw C{OSError}, and the lock is not left behind.
+    """
+    (box / "new").rmdir()
+    (box / "new").write_bytes(b"")
+    with pytest.raises(MaildropUnavailable):
+        result(provider.open("bob"))
+    with pytest.raises(MaildropUnavailable):
+        result(provider.deliver("bob", b"m\n"))
+    (box / "new").unlink()
+    result(provider.open("bob")).release()
