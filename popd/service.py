@@ -36,28 +36,27 @@ class ListenerService(Service):
     """
 
     def __init__(self, reactor, description: str, factory, label: str) -> None:
-        self.reactor = reactor
         self.description = description
         self.factory = factory
         self.label = label
         self.port = None
         self.setName(f"{label} {description}")
+        try:
+            self.endpoint = serverFromString(reactor, description)
+        except (ValueError, TypeError, KeyError) as error:
+            raise ConfigError(
+                f"[{label}] listen: {description!r} is not a valid endpoint: {error}"
+            ) from None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        try:
-            endpoint = serverFromString(self.reactor, self.description)
-        except (ValueError, TypeError, KeyError) as error:
-            raise ConfigError(
-                f"[{self.label}] listen: {self.description!r} is not a valid "
-                f"endpoint: {error}"
-            ) from None
         outcome: list = []
-        endpoint.listen(self.factory).addBoth(outcome.append)
+        self.endpoint.listen(self.factory).addBoth(outcome.append)
         if outcome and isinstance(outcome[0], Failure):
-            raise ConfigError(
-                f"[{self.label}] listen: cannot listen on {self.description!r}: "
-                f"{outcome[0].getErrorMessage()}"
+            # twistd would print a traceback for any other exception.
+            raise SystemExit(
+                f"popd: [{self.label}] listen: cannot listen on "
+                f"{self.description!r}: {outcome[0].getErrorMessage()}"
             )
         self.port = outcome[0] if outcome else None
         log.info(

@@ -22,12 +22,12 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        # Reading the configuration here turns every mistake into twistd's
-        # one-line usage error instead of a traceback.
+        # Every mistake is one line naming the key or file: neither a
+        # traceback nor twistd's whole usage text.
         try:
             self["settings"] = load_settings(self["config"], self["data-dir"])
         except ConfigError as error:
-            raise usage.UsageError(str(error)) from None
+            raise SystemExit(f"popd: {error}") from None
 
 
 def makeService(options: Options) -> IService:
