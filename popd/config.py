@@ -17,7 +17,12 @@ from typing import Any
 
 DEFAULT_DATA_DIR = Path("popd-data")
 PLAINTEXT_POLICIES = ("tls-only", "always")
-MAILDROP_TYPES = ("maildir",)
+MAILDROP_TYPES = ("maildir", "mbox", "sql")
+MBOX_VARIANTS = ("mboxrd", "mboxo")
+_DEFAULT_PATHS = {
+    "maildir": ("mail", "%u", "Maildir"),
+    "mbox": ("mail", "%u", "mbox"),
+}
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 
 
@@ -48,6 +53,10 @@ class Settings:
     apop: bool = False
     maildrop_type: str = "maildir"
     maildrop_path: str = ""
+    mbox_folders: str | None = None
+    mbox_variant: str = "mboxrd"
+    dsn: str = ""
+    folder_separator: str = "#"
     auth_timeout: float = 120.0
     transaction_timeout: float = 600.0
     max_bad_commands: int = 20
@@ -155,6 +164,53 @@ def _path(base: Path, value: str | None) -> Path | None:
     return (base / Path(value).expanduser()).absolute()
 
 
+def _store_settings(maildrop: _Section, base: Path, root: Path) -> dict:
+    """
+    The [maildrop] keys of the chosen store type; a key of another type is
+    a mistake worth naming, since it would silently do nothing.
+    """
+    kind = maildrop.choice("type", MAILDROP_TYPES, "maildir")
+    separator = maildrop.string("folder_separator", "#")
+    if len(separator) > 1 or separator.isalnum() or (separator and separator in "/.%"):
+        raise ConfigError(
+            "[maildrop] folder_separator must be one punctuation character "
+            "other than / . % (or empty to turn folder selection off)"
+        )
+    store: dict = {"maildrop_type": kind, "folder_separator": separator}
+    own_keys = {
+        "maildir": ("path",),
+        "mbox": ("path", "folders", "variant"),
+        "sql": ("dsn",),
+    }[kind]
+    for key in ("path", "folders", "variant", "dsn"):
+        if key in maildrop._table and key not in own_keys:
+            raise ConfigError(f'[maildrop] {key} does not apply to type = "{kind}"')
+    if kind == "sql":
+        default = f"sqlite:///{root / 'popd.sqlite3'}"
+        dsn = maildrop.string("dsn", default)
+        if dsn.startswith("sqlite:") and not dsn.startswith("sqlite:///"):
+            dsn = f"sqlite:///{_path(base, dsn.removeprefix('sqlite:'))}"
+        elif not dsn.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ConfigError(
+                "[maildrop] dsn must start with sqlite:// or postgresql://"
+            )
+        store["dsn"] = dsn
+        return store
+    path = maildrop.string("path", str(root.joinpath(*_DEFAULT_PATHS[kind])))
+    if "%u" not in path and "%n" not in path:
+        raise ConfigError(
+            "[maildrop] path must contain %u or %n, one maildrop per user"
+        )
+    store["maildrop_path"] = str(_path(base, path))
+    if kind == "mbox":
+        folders = maildrop.string("folders")
+        if folders is not None and "%u" not in folders and "%n" not in folders:
+            raise ConfigError("[maildrop] folders must contain %u or %n")
+        store["mbox_folders"] = str(_path(base, folders)) if folders else None
+        store["mbox_variant"] = maildrop.choice("variant", MBOX_VARIANTS, "mboxrd")
+    return store
+
+
 def load_settings(
     config_file: str | Path | None = None, data_dir: str | Path | None = None
 ) -> Settings:
@@ -205,11 +261,7 @@ def load_settings(
             '[pop3] expire must be "NEVER" or a number of days as a string'
         )
 
-    maildrop_path = maildrop.string("path", str(root / "mail" / "%u" / "Maildir"))
-    if "%u" not in maildrop_path and "%n" not in maildrop_path:
-        raise ConfigError(
-            "[maildrop] path must contain %u or %n, one maildrop per user"
-        )
+    store = _store_settings(maildrop, base, root)
 
     settings = Settings(
         config_file=config_path,
@@ -226,8 +278,7 @@ def load_settings(
         plaintext=auth.choice("plaintext", PLAINTEXT_POLICIES, "tls-only"),
         trusted_networks=networks,
         apop=auth.boolean("apop", False),
-        maildrop_type=maildrop.choice("type", MAILDROP_TYPES, "maildir"),
-        maildrop_path=str(_path(base, maildrop_path)),
+        **store,
         auth_timeout=limits.number("auth_timeout", 120.0, minimum=1),
         transaction_timeout=limits.number("transaction_timeout", 600.0, minimum=1),
         max_bad_commands=limits.integer("max_bad_commands", 20, minimum=1),

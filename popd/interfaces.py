@@ -22,10 +22,14 @@ class MessageInfo:
         the range 0x21 to 0x7E, stable across sessions, never reused.
     @ivar size: the octets of the message with CRLF line endings, before
         dot-stuffing: what STAT and LIST report.
+    @ivar retrieved_at: when a session first retrieved the message in full
+        (POSIX seconds), or C{None}: the clock that retention
+        (RFC 2449 EXPIRE) counts from.
     """
 
     uid: str
     size: int
+    retrieved_at: float | None = None
 
 
 class MaildropError(Exception):
@@ -43,6 +47,12 @@ class MaildropUnavailable(MaildropError):
 class MaildropInUse(MaildropError):
     """
     Another session holds the maildrop's exclusive lock (C{[IN-USE]}).
+    """
+
+
+class NoSuchFolder(MaildropError):
+    """
+    The user has no folder of that name.
     """
 
 
@@ -74,12 +84,14 @@ class IMaildrop(Interface):
             L{MaildropError} if the message can no longer be read.
         """
 
-    def commit(deleted):
+    def commit(deleted, retrieved=()):
         """
-        Remove the messages whose indexes are in C{deleted} and release the
-        lock.  A message that vanished meanwhile is not an error.
+        Remove the messages whose indexes are in C{deleted}, remember that
+        those in C{retrieved} were retrieved now (unless an earlier time is
+        already recorded), and release the lock.  A message that vanished
+        meanwhile is not an error.
 
-        @return: a L{Deferred} firing with C{None} once the removals are on
+        @return: a L{Deferred} firing with C{None} once the changes are on
             stable storage.
         """
 
@@ -105,12 +117,16 @@ class IMaildropProvider(Interface):
             any other), L{MaildropUnavailable} or L{MaildropError} otherwise.
         """
 
-    def deliver(avatar_id: str, message, folder: str | None = None):
+    def deliver(avatar_id: str, message, folder: str | None = None, uid=None):
         """
         Store one message: C{message} is C{bytes} or a binary file-like
         object read to its end.
 
-        @return: a L{Deferred} firing with the new message's UID only once the
+        @param uid: the UID to keep (when mail moves between stores), or
+            C{None} for a new one.  A UID the maildrop already has, or that
+            is not 1-70 characters in 0x21-0x7E, fails with L{ValueError}.
+
+        @return: a L{Deferred} firing with the message's UID only once the
             message is on stable storage.  Delivery never waits for a session
             holding the lock, and never disturbs its snapshot.
         """

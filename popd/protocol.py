@@ -34,9 +34,11 @@ from popd.interfaces import (
     MaildropError,
     MaildropInUse,
     MaildropUnavailable,
+    NoSuchFolder,
 )
 from popd.listing import send_lines
 from popd.parser import Line, LineParser, OverlongLine
+from popd.realm import LoginRequest
 from popd.stream import send_message
 
 log = Logger()
@@ -63,7 +65,11 @@ class SessionPolicy:
         hangs up.
     @ivar max_auth_failures: failed logins per connection before hang-up.
     @ivar apop: offer APOP (a timestamp in the greeting).
-    @ivar expire: the EXPIRE capability's argument, or C{None} to omit it.
+    @ivar expire: the EXPIRE capability's argument (C{"NEVER"} or days), or
+        C{None} to omit it.  With days, messages first retrieved that long
+        ago are removed at QUIT; with 0, as soon as they are retrieved.
+    @ivar folder_separator: splits C{alice#Archive} into the user and the
+        folder to open; empty to turn folder selection off.
     @ivar login_delay: the LOGIN-DELAY capability's seconds, or C{None}.
     """
 
@@ -76,6 +82,7 @@ class SessionPolicy:
     apop: bool = False
     expire: str | None = None
     login_delay: int | None = None
+    folder_separator: str = "#"
     implementation: str = "popd"
     hostname: str = field(default_factory=socket.gethostname)
 
@@ -161,6 +168,7 @@ class POP3Server(Protocol, TimeoutMixin):
                 "QUIT",
                 "TOP",
                 "UIDL",
+                "X-FOLDERS",
             }
         ),
         UPDATE: frozenset(),
@@ -186,6 +194,8 @@ class POP3Server(Protocol, TimeoutMixin):
         self._maildrop = None
         self._avatar_id: str | None = None
         self._deleted: set[int] = set()
+        self._retrieved_now: set[int] = set()
+        self._request: LoginRequest | None = None
         self._started = time.monotonic()
         self._end_reason = "disconnected"
         self._retrieved = [0, 0]
@@ -303,7 +313,7 @@ class POP3Server(Protocol, TimeoutMixin):
             else:
                 self._bad(_Reply.err(f"Unknown command: {command[:40]}"))
             return None
-        handler = getattr(self, "do_" + command)
+        handler = getattr(self, "do_" + command.replace("-", "_"))
         try:
             return handler(argument)
         except CommandError as error:
@@ -350,6 +360,8 @@ class POP3Server(Protocol, TimeoutMixin):
             capabilities.append(f"EXPIRE {self.policy.expire}")
         if self.policy.login_delay is not None:
             capabilities.append(f"LOGIN-DELAY {self.policy.login_delay}")
+        if self.policy.folder_separator:
+            capabilities.append("X-FOLDERS")
         capabilities.append(f"IMPLEMENTATION {self.policy.implementation}")
         return capabilities
 
@@ -451,7 +463,14 @@ class POP3Server(Protocol, TimeoutMixin):
         return self._login(outcome, exchange.name)
 
     def _login(self, credentials, mechanism: str) -> Deferred:
-        login = self.factory.portal.login(credentials, None, IMaildrop)
+        request = LoginRequest()
+        separator = self.policy.folder_separator.encode()
+        if separator and separator in credentials.username:
+            user, _, folder = credentials.username.partition(separator)
+            credentials.username = user
+            request.folder = folder.decode("utf-8", "replace")
+        self._request = request
+        login = self.factory.portal.login(credentials, request, IMaildrop)
         return login.addCallbacks(
             self._logged_in,
             self._login_failed,
@@ -490,6 +509,8 @@ class POP3Server(Protocol, TimeoutMixin):
         if failure.check(UnauthorizedLogin):
             self.transport.write(_Reply.err("Authentication failed.", "AUTH"))
             self._count_auth_failure()
+        elif failure.check(NoSuchFolder):
+            self.transport.write(_Reply.err("There is no such folder."))
         elif failure.check(MaildropInUse):
             self.transport.write(
                 _Reply.err("Mailbox is locked by another POP3 session.", "IN-USE")
@@ -596,6 +617,7 @@ class POP3Server(Protocol, TimeoutMixin):
 
         def sent(octets: int) -> None:
             if body_lines is None:
+                self._retrieved_now.add(index)
                 self._retrieved[0] += 1
                 self._retrieved[1] += octets
 
@@ -644,7 +666,7 @@ class POP3Server(Protocol, TimeoutMixin):
             return None
         self.state = UPDATE
         maildrop, self._maildrop = self._maildrop, None
-        deleted = sorted(self._deleted)
+        deleted = sorted(self._deleted | self._expired(maildrop))
 
         def committed(_ignored: object) -> None:
             self._removed[0] = len(deleted)
@@ -663,7 +685,50 @@ class POP3Server(Protocol, TimeoutMixin):
                 _Reply.err("Some deleted messages were not removed.", "SYS/TEMP")
             )
 
-        return maybeDeferred(maildrop.commit, deleted).addCallbacks(committed, failed)
+        return maybeDeferred(
+            maildrop.commit, deleted, sorted(self._retrieved_now)
+        ).addCallbacks(committed, failed)
+
+    def _expired(self, maildrop) -> set[int]:
+        """
+        The messages the EXPIRE policy removes at this QUIT: those first
+        retrieved at least that many days ago, or with EXPIRE 0 every
+        message retrieved (RFC 2449 section 6.7).
+        """
+        days = self.policy.expire
+        if days is None or not days.isdigit():
+            return set()
+        cutoff = time.time() - int(days) * 86400
+        expired = {
+            index
+            for index, message in enumerate(maildrop.messages)
+            if message.retrieved_at is not None and message.retrieved_at <= cutoff
+        }
+        if int(days) == 0:
+            expired |= self._retrieved_now
+        return expired
+
+    def do_X_FOLDERS(self, argument: bytes) -> Deferred:
+        """
+        List the user's folders (INBOX first), any of which can be opened by
+        logging in as C{user<separator>folder}.
+        """
+        self._no_argument(argument)
+        if not self.policy.folder_separator:
+            raise CommandError("Unknown command: X-FOLDERS")
+
+        def listed(names: list[str]) -> Deferred:
+            self.transport.write(_Reply.ok("Folders follow."))
+            lines = ["INBOX", *names]
+            return send_lines(
+                self.transport, (f"{name}\r\n".encode() for name in lines)
+            )
+
+        def failed(failure: Failure) -> None:
+            failure.trap(MaildropError, OSError)
+            self.transport.write(_Reply.err("Folders can't be listed now.", "SYS/TEMP"))
+
+        return maybeDeferred(self._request.list_folders).addCallbacks(listed, failed)
 
 
 class POP3Factory(Factory):

@@ -4,6 +4,9 @@ The Cred realm: an authenticated avatar id becomes an opened, locked maildrop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from twisted.cred.portal import IRealm
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
@@ -16,6 +19,22 @@ def _nothing() -> None:
     Logging out needs no work here: the session itself commits or releases
     its maildrop, because only it knows whether QUIT was reached.
     """
+
+
+@dataclass
+class LoginRequest:
+    """
+    The Cred "mind" of a POP3 login: what the session asks of the realm
+    besides the avatar id, and what the realm hands back besides the
+    maildrop.
+
+    @ivar folder: the folder to open, C{None} for INBOX.
+    @ivar list_folders: set by the realm: returns a L{Deferred} firing with
+        the user's folder names.
+    """
+
+    folder: str | None = None
+    list_folders: Callable[[], Deferred] | None = None
 
 
 @implementer(IRealm)
@@ -33,6 +52,10 @@ class MaildropRealm:
         avatar_id = (
             avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
         )
-        return self.provider.open(avatar_id).addCallback(
+        folder = None
+        if isinstance(mind, LoginRequest):
+            folder = mind.folder
+            mind.list_folders = lambda: self.provider.folders(avatar_id)
+        return self.provider.open(avatar_id, folder).addCallback(
             lambda maildrop: (IMaildrop, maildrop, _nothing)
         )

@@ -113,6 +113,7 @@ def build_policy(settings: Settings) -> SessionPolicy:
         apop=settings.apop,
         expire=settings.expire,
         login_delay=settings.login_delay,
+        folder_separator=settings.folder_separator,
     )
 
 

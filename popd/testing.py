@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import itertools
+import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -25,11 +27,14 @@ from popd.interfaces import (
 )
 from popd.stream import wire_size
 
+_UIDL = re.compile(r"[!-~]{1,70}")
+
 
 @dataclass
 class _StoredMessage:
     uid: str
     content: bytes
+    retrieved_at: float | None = None
 
 
 @dataclass
@@ -48,7 +53,7 @@ class MemoryMaildrop:
         self._mailbox = mailbox
         self._stored = list(mailbox.messages)
         self.messages = [
-            MessageInfo(stored.uid, wire_size(stored.content))
+            MessageInfo(stored.uid, wire_size(stored.content), stored.retrieved_at)
             for stored in self._stored
         ]
         self.closed = False
@@ -59,7 +64,11 @@ class MemoryMaildrop:
             return fail(MaildropError(f"message {stored.uid} is gone"))
         return succeed(io.BytesIO(stored.content))
 
-    def commit(self, deleted: Iterable[int]) -> Deferred:
+    def commit(self, deleted: Iterable[int], retrieved: Iterable[int] = ()) -> Deferred:
+        now = time.time()
+        for index in retrieved:
+            if self._stored[index].retrieved_at is None:
+                self._stored[index].retrieved_at = now
         doomed = {id(self._stored[index]) for index in deleted}
         self._mailbox.messages = [
             message for message in self._mailbox.messages if id(message) not in doomed
@@ -93,10 +102,16 @@ class MemoryMaildropProvider:
         mailbox.locked = True
         return succeed(MemoryMaildrop(mailbox))
 
-    def deliver(self, avatar_id: str, message, folder: str | None = None) -> Deferred:
+    def deliver(
+        self, avatar_id: str, message, folder: str | None = None, uid: str | None = None
+    ) -> Deferred:
         content = message if isinstance(message, bytes) else message.read()
-        uid = f"mem{next(self._uids)}"
-        self._mailbox(avatar_id, folder).messages.append(_StoredMessage(uid, content))
+        mailbox = self._mailbox(avatar_id, folder)
+        if uid is None:
+            uid = f"mem{next(self._uids)}"
+        elif not _UIDL.fullmatch(uid) or any(m.uid == uid for m in mailbox.messages):
+            return fail(ValueError(f"UID {uid!r} is invalid or already used"))
+        mailbox.messages.append(_StoredMessage(uid, content))
         return succeed(uid)
 
     def folders(self, avatar_id: str) -> Deferred:

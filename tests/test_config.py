@@ -119,7 +119,32 @@ max_auth_failures = 2
             "[tls] certificate and key must be given together",
         ),
         ('[tls]\nmin_version = "SSLv3"\n', "[tls] min_version must be one of"),
-        ('[maildrop]\ntype = "mbox"\n', "[maildrop] type must be one of"),
+        ('[maildrop]\ntype = "nfs"\n', "[maildrop] type must be one of"),
+        (
+            '[maildrop]\ndsn = "sqlite:///x"\n',
+            '[maildrop] dsn does not apply to type = "maildir"',
+        ),
+        (
+            '[maildrop]\ntype = "sql"\npath = "/m/%u"\n',
+            "[maildrop] path does not apply",
+        ),
+        (
+            '[maildrop]\ntype = "sql"\ndsn = "mysql://x"\n',
+            "[maildrop] dsn must start with",
+        ),
+        (
+            '[maildrop]\ntype = "mbox"\nvariant = "x"\n',
+            "[maildrop] variant must be one of",
+        ),
+        (
+            '[maildrop]\ntype = "mbox"\nfolders = "/f"\n',
+            "[maildrop] folders must contain",
+        ),
+        (
+            '[maildrop]\nfolder_separator = "ab"\n',
+            "[maildrop] folder_separator must be",
+        ),
+        ('[maildrop]\nfolder_separator = "/"\n', "[maildrop] folder_separator must be"),
         (
             '[maildrop]\npath = "/var/mail/all"\n',
             "[maildrop] path must contain %u or %n",
@@ -138,3 +163,35 @@ def test_mistakes_name_the_key(tmp_path, text, message):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.toml does not exist"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_store_types(tmp_path):
+    sql = load_settings(write(tmp_path, '[maildrop]\ntype = "sql"\n'))
+    assert sql.dsn == f"sqlite:///{tmp_path / 'popd-data' / 'popd.sqlite3'}"
+    relative = load_settings(
+        write(tmp_path, '[maildrop]\ntype = "sql"\ndsn = "sqlite:m.db"\n')
+    )
+    assert relative.dsn == f"sqlite:///{tmp_path / 'm.db'}"
+    pg = "postgresql://postgres@127.0.0.1:5432/mail"
+    assert (
+        load_settings(write(tmp_path, f'[maildrop]\ntype = "sql"\ndsn = "{pg}"\n')).dsn
+        == pg
+    )
+    mbox = load_settings(
+        write(
+            tmp_path,
+            '[maildrop]\ntype = "mbox"\npath = "/var/mail/%u"\nfolders = "f/%u"\n'
+            'variant = "mboxo"\nfolder_separator = "+"\n',
+        )
+    )
+    assert (mbox.maildrop_path, mbox.mbox_folders) == (
+        "/var/mail/%u",
+        str(tmp_path / "f/%u"),
+    )
+    assert (mbox.mbox_variant, mbox.folder_separator) == ("mboxo", "+")
+    default_mbox = load_settings(write(tmp_path, '[maildrop]\ntype = "mbox"\n'))
+    assert default_mbox.maildrop_path == str(
+        tmp_path / "popd-data" / "mail" / "%u" / "mbox"
+    )
+    off = load_settings(write(tmp_path, '[maildrop]\nfolder_separator = ""\n'))
+    assert off.folder_separator == ""

@@ -679,3 +679,78 @@ def test_session_without_login_is_logged_too(factory):
     (end,) = [e for e in events if e.get("log_format", "").startswith("session end")]
     assert (end["user"], end["end"]) == ("-", "disconnected")
     assert not any("wrong-password" in repr(e) for e in events)
+
+
+# Folders and retention
+
+
+def test_folder_selected_with_suffix_and_listed(provider):
+    provider.deliver("alice", b"Subject: archived\n\nold\n", folder="Archive")
+    provider.deliver("alice", b"x\n", folder="Lists.python")
+    session = Session(make_factory(provider, plaintext="always"))
+    reply = session.send(b"USER alice#Archive\r\nPASS secret\r\nSTAT\r\nRETR 1\r\n")
+    assert b"+OK 1 " in reply and reply.endswith(b"\r\nold\r\n.\r\n")
+    assert session.send(b"X-FOLDERS\r\n") == (
+        b"+OK Folders follow.\r\nINBOX\r\nArchive\r\nLists.python\r\n.\r\n"
+    )
+    assert provider.is_locked("alice", "Archive") and not provider.is_locked("alice")
+    assert b"X-FOLDERS" in capabilities(session.send(b"CAPA\r\n"))
+
+
+def test_folder_suffix_off(provider):
+    session = Session(make_factory(provider, plaintext="always", folder_separator=""))
+    assert session.send(b"USER alice#Archive\r\nPASS secret\r\n").endswith(
+        b"-ERR [AUTH] Authentication failed.\r\n"
+    )
+    session = logged_in(make_factory(provider, plaintext="always", folder_separator=""))
+    assert b"X-FOLDERS" not in capabilities(session.send(b"CAPA\r\n"))
+    assert session.send(b"X-FOLDERS\r\n") == b"-ERR Unknown command: X-FOLDERS\r\n"
+
+
+def test_unknown_folder(provider, monkeypatch):
+    from popd.interfaces import NoSuchFolder
+
+    monkeypatch.setattr(provider, "open", lambda *a: fail(NoSuchFolder("x")))
+    reply = Session(make_factory(provider, plaintext="always")).send(
+        b"USER alice#Nope\r\nPASS secret\r\n"
+    )
+    assert reply.endswith(b"-ERR There is no such folder.\r\n")
+
+
+def test_retrieved_messages_are_recorded_at_quit(factory, provider):
+    session = logged_in(factory)
+    session.send(b"RETR 2\r\nTOP 3 1\r\nQUIT\r\n")
+    again = logged_in(factory)
+    retrieved = [m.retrieved_at for m in again.protocol._maildrop.messages]
+    assert retrieved[0] is None and retrieved[2] is None
+    assert retrieved[1] is not None
+
+
+def test_dropped_session_records_no_retrieval(factory):
+    session = logged_in(factory)
+    session.send(b"RETR 1\r\n")
+    session.lost()
+    again = logged_in(factory)
+    assert all(m.retrieved_at is None for m in again.protocol._maildrop.messages)
+
+
+def test_expire_removes_old_retrieved_messages_only(provider):
+    factory = make_factory(provider, plaintext="always", expire="30")
+    assert b"EXPIRE 30" in capabilities(Session(factory).send(b"CAPA\r\n"))
+    logged_in(factory).send(b"RETR 1\r\nRETR 2\r\nQUIT\r\n")
+    for stored in provider._mailbox("alice", None).messages[:1]:
+        stored.retrieved_at -= 31 * 86400
+    logged_in(factory).send(b"QUIT\r\n")
+    assert provider.contents("alice") == MESSAGES[1:]
+
+
+def test_expire_zero_removes_what_was_retrieved(provider):
+    factory = make_factory(provider, plaintext="always", expire="0")
+    logged_in(factory).send(b"RETR 2\r\nTOP 1 0\r\nQUIT\r\n")
+    assert provider.contents("alice") == [MESSAGES[0], MESSAGES[2]]
+
+
+def test_expire_never_keeps_everything(provider):
+    factory = make_factory(provider, plaintext="always", expire="NEVER")
+    logged_in(factory).send(b"RETR 1\r\nQUIT\r\n")
+    assert provider.contents("alice") == MESSAGES

@@ -269,7 +269,7 @@ class MaildirMaildrop:
             return fail(MaildropError("the maildrop is closed"))
         return self._run(self._read_blocking, message)
 
-    def commit(self, deleted: Iterable[int]) -> Deferred:
+    def commit(self, deleted: Iterable[int], retrieved: Iterable[int] = ()) -> Deferred:
         """
         Remove the messages at C{deleted}, make that durable, then release
         the lock (also on error).  Once closed, further calls do nothing.
