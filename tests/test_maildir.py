@@ -31,13 +31,18 @@ from popd.interfaces import (
     MaildropInUse,
     MaildropUnavailable,
     MessageInfo,
+    NoSuchFolder,
     NoSuchUser,
 )
 from popd.maildrops import maildir
 from popd.maildrops.maildir import (
     CHUNK_SIZE,
+    DOVECOT_UIDLIST_FILE,
+    RETRIEVED_FILE,
     SIZE_CACHE_FILE,
+    UID_MAP_FILE,
     MaildirProvider,
+    parse_dovecot_uidlist,
     uid_for,
 )
 from popd.stream import file_wire_size
@@ -626,6 +631,7 @@ def test_second_open_in_use_until_closed(
 
 
 def test_users_and_folders_lock_separately(provider: MaildirProvider) -> None:
+    result(provider.deliver("bob", b"m\n", folder="Sent"))
     bob = result(provider.open("bob"))
     alice = result(provider.open("alice"))
     sent = result(provider.open("bob", folder="Sent"))
@@ -636,7 +642,7 @@ def test_users_and_folders_lock_separately(provider: MaildirProvider) -> None:
 def test_lock_released_when_scan_fails(
     provider: MaildirProvider, box: Path, monkeypatch
 ) -> None:
-    def failing_snapshot(root):
+    def failing_snapshot(root, *args):
         raise OSError(5, "Input/output error", root)
 
     monkeypatch.setattr(maildir, "_snapshot", failing_snapshot)
@@ -805,3 +811,306 @@ def test_os_errors_become_unavailable(provider: MaildirProvider, box: Path) -> N
         result(provider.deliver("bob", b"m\n"))
     (box / "new").unlink()
     result(provider.open("bob")).release()
+
+
+# Folders are made by delivery, never by open
+
+
+def test_open_unknown_folder_creates_nothing(
+    provider: MaildirProvider, box: Path
+) -> None:
+    with pytest.raises(NoSuchFolder):
+        result(provider.open("bob", folder="Sent"))
+    assert not (box / ".Sent").exists()
+    assert result(provider.folders("bob")) == []
+
+
+def test_open_folder_of_missing_user(provider: MaildirProvider, tmp_path: Path) -> None:
+    with pytest.raises(NoSuchFolder):
+        result(provider.open("nobody", folder="Sent"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_deliver_to_missing_folder_without_create(tmp_path: Path, box: Path) -> None:
+    provider = make_provider(tmp_path, create=False)
+    with pytest.raises(NoSuchFolder):
+        result(provider.deliver("bob", b"m\n", folder="Sent"))
+    assert not (box / ".Sent").exists()
+
+
+def test_unsafe_folder_name_is_no_such_folder(provider: MaildirProvider) -> None:
+    with pytest.raises(NoSuchFolder):
+        result(provider.open("bob", folder="../x"))
+
+
+# Retrieval times (popd-retrieved)
+
+
+def test_retrieved_recorded_in_file(
+    provider: MaildirProvider, box: Path, monkeypatch
+) -> None:
+    first = result(provider.deliver("bob", b"one\n"))
+    second = result(provider.deliver("bob", b"two\n"))
+    monkeypatch.setattr(maildir.time, "time", lambda: 1700000000.75)
+    drop = result(provider.open("bob"))
+    assert [m.retrieved_at for m in drop.messages] == [None, None]
+    result(drop.commit([], [1]))
+    assert (box / RETRIEVED_FILE).read_bytes() == (
+        b"popd-retrieved 1\n%s 1700000000\n" % second.encode()
+    )
+    monkeypatch.setattr(maildir.time, "time", lambda: 1800000000.0)
+    drop = result(provider.open("bob"))
+    assert [(m.uid, m.retrieved_at) for m in drop.messages] == [
+        (first, None),
+        (second, 1700000000.0),
+    ]
+    # A later retrieval keeps the first time; deleting drops the line.
+    result(drop.commit([1], [0, 1]))
+    assert (box / RETRIEVED_FILE).read_bytes() == (
+        b"popd-retrieved 1\n%s 1800000000\n" % first.encode()
+    )
+    assert not (box / (RETRIEVED_FILE + ".tmp")).exists()
+
+
+def test_retrieved_follows_moves_and_drops_vanished(
+    provider: MaildirProvider, box: Path
+) -> None:
+    result(provider.deliver("bob", b"one\n"))
+    kept = result(provider.deliver("bob", b"two\n"))
+    drop = result(provider.open("bob"))
+    result(drop.commit([], [0, 1]))
+    first, second = sorted(os.listdir(box / "new"))
+    (box / "new" / first).unlink()
+    os.rename(box / "new" / second, box / "cur" / (second + ":2,S"))
+    drop = result(provider.open("bob"))
+    assert drop.messages[0].uid == kept and drop.messages[0].retrieved_at
+    result(drop.commit([]))
+    lines = (box / RETRIEVED_FILE).read_bytes().splitlines()
+    assert [line.split()[0] for line in lines[1:]] == [second.encode()]
+
+
+def test_release_records_nothing(provider: MaildirProvider, box: Path) -> None:
+    result(provider.deliver("bob", b"one\n"))
+    result(provider.open("bob")).release()
+    result(result(provider.open("bob")).commit([]))
+    assert not (box / RETRIEVED_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"popd-retrieved 9\nx 1\n", b"garbage", b"popd-retrieved 1\n1.a 12"],
+)
+def test_odd_retrieved_file_ignored(box: Path, provider: MaildirProvider, content):
+    put(box, "1.a", b"m\n")
+    (box / RETRIEVED_FILE).write_bytes(content)
+    drop = result(provider.open("bob"))
+    assert drop.messages[0].retrieved_at is None
+    result(drop.commit([], [0]))
+    assert (box / RETRIEVED_FILE).read_bytes().startswith(b"popd-retrieved 1\n1.a ")
+
+
+def test_retrieved_index_checked(provider: MaildirProvider) -> None:
+    drop = result(provider.open("bob"))
+    with pytest.raises(IndexError):
+        drop.commit([], [0])
+    drop.release()
+
+
+# Given UIDs (popd-uids)
+
+
+def test_given_uid_kept_in_map(provider: MaildirProvider, box: Path) -> None:
+    assert result(provider.deliver("bob", b"m\n", uid="imported-7")) == "imported-7"
+    [name] = os.listdir(box / "new")
+    assert (box / UID_MAP_FILE).read_bytes() == b"popd-uids 1\n%s imported-7\n" % (
+        name.encode()
+    )
+    drop = result(provider.open("bob"))
+    assert drop.messages == (MessageInfo("imported-7", 3),)
+    drop.release()
+    os.rename(box / "new" / name, box / "cur" / (name + ":2,S"))
+    assert [m.uid for m in result(provider.open("bob")).messages] == ["imported-7"]
+
+
+def test_given_uid_recorded_before_the_message_shows(
+    provider: MaildirProvider, box: Path, monkeypatch
+) -> None:
+    seen = []
+    real_link = maildir._link_or_rename
+
+    def link(source, target):
+        seen.append((box / UID_MAP_FILE).read_bytes())
+        real_link(source, target)
+
+    monkeypatch.setattr(maildir, "_link_or_rename", link)
+    result(provider.deliver("bob", b"m\n", uid="early"))
+    assert seen and seen[0].endswith(b" early\n")
+
+
+def test_given_uid_refused_when_taken(provider: MaildirProvider, box: Path) -> None:
+    natural = result(provider.deliver("bob", b"m\n"))
+    result(provider.deliver("bob", b"m\n", uid="taken"))
+    put(box, "1.hashed name", b"x\n")
+    hashed = uid_for("1.hashed name")
+    for uid in (natural, "taken", hashed):
+        with pytest.raises(ValueError):
+            result(provider.deliver("bob", b"dup\n", uid=uid))
+    assert len(os.listdir(box / "new")) == 2
+    assert os.listdir(box / "tmp") == []
+
+
+@pytest.mark.parametrize("uid", ["", "a b", "x" * 71, "é", "\x7f", b"bytes", 7])
+def test_invalid_given_uid(provider: MaildirProvider, tmp_path: Path, uid) -> None:
+    with pytest.raises(ValueError):
+        result(provider.deliver("bob", b"m\n", uid=uid))
+    assert os.listdir(tmp_path) == []
+
+
+def test_uid_map_pruned_on_commit(provider: MaildirProvider, box: Path) -> None:
+    result(provider.deliver("bob", b"1\n", uid="one"))
+    result(provider.deliver("bob", b"2\n", uid="two"))
+    drop = result(provider.open("bob"))
+    result(drop.commit([0]))
+    lines = (box / UID_MAP_FILE).read_bytes().splitlines()
+    assert lines[0] == b"popd-uids 1" and [line.split()[1] for line in lines[1:]] == [
+        b"two"
+    ]
+    assert [m.uid for m in result(provider.open("bob")).messages] == ["two"]
+
+
+def test_unknown_uid_map_format_refuses_open(
+    provider: MaildirProvider, box: Path
+) -> None:
+    (box / UID_MAP_FILE).write_bytes(b"popd-uids 2\nwhatever\n")
+    with pytest.raises(MaildropError, match="popd-uids"):
+        result(provider.open("bob"))
+    # The lock was not left behind.
+    (box / UID_MAP_FILE).unlink()
+    result(provider.open("bob")).release()
+
+
+def test_given_uid_wins_over_a_base_name_clash(
+    provider: MaildirProvider, box: Path
+) -> None:
+    """
+    Should a message's own UID equal one given to another (never by popd's
+    names, but another program may name a file so), each UID still appears
+    once.
+    """
+    result(provider.deliver("bob", b"given\n", uid="9.clash"))
+    put(box, "9.clash", b"named\n")
+    uids = [m.uid for m in result(provider.open("bob")).messages]
+    assert len(set(uids)) == 2 and "9.clash" in uids
+
+
+# Dovecot's dovecot-uidlist
+
+UIDLIST = (
+    b"3 V1275660208 N25022 G3085f01b7f11094c501100008c4a11c1\n"
+    b"25017 :1275660000.M1P1.host,S=1234\n"
+    b"25018 W17 GAbC :1275660001.M2P2.host:2,S\n"
+    b"25019 P4242-migrated S99 :1275660002.M3P3.host,S=5,W=9:2,RS\n"
+    b"garbage line\n"
+    b"0 :1275660003.M4P4.host\n"
+    b"25020 :../escape\n"
+)
+
+
+def test_parse_dovecot_uidlist() -> None:
+    records = parse_dovecot_uidlist(UIDLIST)
+    assert sorted(records) == [
+        "1275660000.M1P1.host,S=1234",
+        "1275660001.M2P2.host",
+        "1275660002.M3P3.host,S=5,W=9",
+    ]
+    assert records["1275660001.M2P2.host"] == {
+        "u": "25018",
+        "v": "1275660208",
+        "W": "17",
+        "G": "AbC",
+        "f": "1275660001.M2P2.host",
+    }
+    assert records["1275660002.M3P3.host,S=5,W=9"]["P"] == "4242-migrated"
+
+
+def test_parse_dovecot_uidlist_version_1_and_unknown() -> None:
+    assert parse_dovecot_uidlist(b"1 1000 5\n3 1.a:2,S\n4 2.b\n") == {
+        "1.a": {"u": "3", "v": "1000", "f": "1.a"},
+        "2.b": {"u": "4", "v": "1000", "f": "2.b"},
+    }
+    assert parse_dovecot_uidlist(b"2 V1 N2\n1 :1.a\n") == {}
+    assert parse_dovecot_uidlist(b"3 N2\n1 :1.a\n") == {}
+    assert parse_dovecot_uidlist(b"") == {}
+
+
+def dovecot_box(box: Path) -> None:
+    (box / DOVECOT_UIDLIST_FILE).write_bytes(UIDLIST)
+    put(box, "1275660000.M1P1.host,S=1234", b"first\n", sub="new")
+    put(box, "1275660001.M2P2.host:2,S", b"second\nline\n")
+    put(box, "1275660002.M3P3.host,S=5,W=9:2,RS", b"third\n")
+    put(box, "1275660003.M9P9.host", b"popd's own\n", sub="new")
+
+
+def test_dovecot_uidls_kept(provider: MaildirProvider, box: Path) -> None:
+    dovecot_box(box)
+    drop = result(provider.open("bob"))
+    assert drop.messages == (
+        MessageInfo(f"{25017:08X}{1275660208:08X}", 7),
+        # The W field gives the size (17, though the file has 14 octets in
+        # CRLF form: the uidlist is trusted, as the ,W= of a name is).
+        MessageInfo(f"{25018:08X}{1275660208:08X}", 17),
+        MessageInfo("4242-migrated", 9),
+        MessageInfo("1275660003.M9P9.host", 12),
+    )
+    drop.release()
+
+
+def test_dovecot_uidls_off(tmp_path: Path, box: Path) -> None:
+    dovecot_box(box)
+    provider = make_provider(tmp_path, dovecot_uidl=False)
+    drop = result(provider.open("bob"))
+    assert [m.uid for m in drop.messages] == [
+        "1275660000.M1P1.host,S=1234",
+        "1275660001.M2P2.host",
+        "1275660002.M3P3.host,S=5,W=9",
+        "1275660003.M9P9.host",
+    ]
+    assert drop.messages[1].size == 14
+    drop.release()
+
+
+@pytest.mark.parametrize(
+    ("uidl_format", "uidl"),
+    [
+        ("%08Xv%08Xu", "4C0907B0000061B9"),
+        ("%v.%u", "1275660208.25017"),
+        ("%v-%u", "1275660208-25017"),
+        ("%u", "25017"),
+        ("%08xu%%%f", "000061b9%1275660000.M1P1.host,S=1234"),
+        ("%g", "1275660000.M1P1.host,S=1234"),
+    ],
+)
+def test_dovecot_uidl_formats(
+    tmp_path: Path, box: Path, uidl_format: str, uidl: str
+) -> None:
+    dovecot_box(box)
+    provider = make_provider(tmp_path, dovecot_uidl_format=uidl_format)
+    drop = result(provider.open("bob"))
+    assert drop.messages[0].uid == uidl
+    drop.release()
+
+
+@pytest.mark.parametrize("uidl_format", ["", "%m", "%08Xu%", "%s"])
+def test_unknown_dovecot_uidl_format(tmp_path: Path, uidl_format: str) -> None:
+    with pytest.raises(ValueError):
+        make_provider(tmp_path, dovecot_uidl_format=uidl_format)
+
+
+def test_given_uid_refused_when_dovecot_has_it(
+    provider: MaildirProvider, box: Path
+) -> None:
+    dovecot_box(box)
+    with pytest.raises(ValueError):
+        result(provider.deliver("bob", b"m\n", uid=f"{25017:08X}{1275660208:08X}"))
+    with pytest.raises(ValueError):
+        result(provider.deliver("bob", b"m\n", uid="4242-migrated"))

@@ -1,24 +1,63 @@
 """
 The Maildir store: one directory per user with C{tmp/}, C{new/} and C{cur/}
 (U{https://cr.yp.to/proto/maildir.html}), Maildir++ folders as C{.Name}
-subdirectories, and Dovecot's C{,W=} size field understood.
+subdirectories, and Dovecot's C{,W=} size field and C{dovecot-uidlist}
+understood.
 
 Every filesystem call runs in a thread pool, never on the reactor thread.
 
+Folders: opening a folder that does not exist is L{NoSuchFolder} and
+creates nothing; delivering into one creates it (when C{create} is on), as
+C{deliver} to a user without a Maildir creates that.  C{INBOX} in any case
+is the Maildir itself.
+
+UIDs, first match wins:
+
+  1. the UID given to C{deliver(..., uid=...)}, kept in C{popd-uids};
+  2. with C{dovecot_uidl} on, the UIDL Dovecot gave a message listed in
+     C{dovecot-uidlist} (its C{P} field, else C{dovecot_uidl_format},
+     by default Dovecot's C{%08Xu%08Xv}), so a site moving from Dovecot's
+     POP3 server keeps its UIDLs and clients do not download everything
+     again.  Meant for a Maildir that Dovecot no longer writes: while
+     Dovecot still serves it, a message popd has listed before Dovecot
+     numbered it would change its UIDL, so turn C{dovecot_uidl} off then.
+     Only the C{dovecot-uidlist} inside the Maildir is read (not one in a
+     separate control directory);
+  3. the base name (before the C{:} of the flags), or its SHA-1 in hex when
+     it is not a valid UIDL (see L{uid_for}).
+
+A snapshot never lists one UID twice: should two messages come out with the
+same one, the later falls back to rule 3.
+
 Files popd keeps inside a Maildir (they never start with a dot, so no other
-program mistakes them for folders):
+program mistakes them for folders).  Each is a header line then one
+C{<base name> <value>} line per message, LF-terminated, replaced atomically
+(written to C{<name>.tmp}, fsynced, renamed over, directory fsynced); a line
+cut off by a crash is ignored:
 
   - C{popd.lock}: the session lock (see L{popd.maildrops.locking}).
-  - C{popd-sizes}: a cache of CRLF sizes computed by reading messages whose
-    names carry no C{,W=}.  It is keyed by base name, which the Maildir
-    convention never reuses for another message, and is only written while
-    the session lock is held.  Losing it only costs time.
+  - C{popd-sizes} (C{popd-sizes 1}): a cache of CRLF sizes computed by
+    reading messages whose names carry no C{,W=}.  It is keyed by base
+    name, which the Maildir convention never reuses for another message,
+    and is only written while the session lock is held.  Losing it only
+    costs time.
+  - C{popd-retrieved} (C{popd-retrieved 1}): when a session first retrieved
+    each message, in POSIX seconds (the clock of RFC 2449 EXPIRE).  Written
+    by C{commit} under the session lock; the lines of messages no longer
+    in the Maildir are dropped then.  Losing it only restarts that clock.
+  - C{popd-uids} (C{popd-uids 1}): the UIDs given to C{deliver}, by base
+    name.  A delivery with a UID takes C{popd-uids.lock} (C{flock}, held
+    only while it checks the UID is unused, writes the message and the map
+    and links the message into C{new/}: the map entry is durable before the
+    message is visible); C{commit} takes it to drop the lines of messages
+    that are gone.  Losing this file changes those UIDs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import itertools
 import os
@@ -40,6 +79,7 @@ from popd.interfaces import (
     MaildropError,
     MaildropUnavailable,
     MessageInfo,
+    NoSuchFolder,
     NoSuchUser,
 )
 from popd.maildrops.locking import MaildropLock, acquire_lock
@@ -57,6 +97,14 @@ CHUNK_SIZE = 64 * 1024
 LOCK_FILE = "popd.lock"
 SIZE_CACHE_FILE = "popd-sizes"
 _SIZE_CACHE_HEADER = b"popd-sizes 1\n"
+RETRIEVED_FILE = "popd-retrieved"
+_RETRIEVED_HEADER = b"popd-retrieved 1\n"
+UID_MAP_FILE = "popd-uids"
+UID_MAP_LOCK_FILE = "popd-uids.lock"
+_UID_MAP_HEADER = b"popd-uids 1\n"
+DOVECOT_UIDLIST_FILE = "dovecot-uidlist"
+#: Dovecot's default C{pop3_uidl_format}.
+DOVECOT_DEFAULT_UIDL_FORMAT = "%08Xu%08Xv"
 
 _SUBDIRS = ("tmp", "new", "cur")
 _MODE = 0o700
@@ -86,6 +134,14 @@ def base_name(file_name: str) -> str:
     return file_name.partition(":")[0]
 
 
+def is_valid_uid(uid: object) -> bool:
+    """
+    Whether C{uid} can be a UIDL: a C{str} of 1 to 70 characters in
+    0x21-0x7E.
+    """
+    return isinstance(uid, str) and _UIDL.fullmatch(uid) is not None
+
+
 @dataclass(slots=True)
 class _Message:
     """
@@ -103,11 +159,21 @@ class MaildirProvider:
     Opens and delivers into the Maildirs found by a path template (see
     L{popd.maildrops.paths.expand_path}), e.g. C{/var/vmail/%d/%n/Maildir}.
 
-    @param create: create a missing Maildir (or folder) with mode 0700 on
-        open and delivery; without it a missing Maildir is L{NoSuchUser}.
+    @param create: create a missing Maildir with mode 0700 on open and
+        delivery, and a missing folder on delivery; without it a missing
+        Maildir is L{NoSuchUser} and a missing folder L{NoSuchFolder}.
+        Opening a missing folder never creates it.
+    @param dovecot_uidl: give a message listed in C{dovecot-uidlist} the
+        UIDL Dovecot's POP3 server gave it (see the module docstring).
+    @param dovecot_uidl_format: Dovecot's C{pop3_uidl_format} at the site:
+        C{%u} the IMAP UID, C{%v} the UIDVALIDITY, C{%g} the message GUID
+        (C{G} field, else the base name), C{%f} the base name, C{%%} a
+        C{%}; a width (C{%08}) and C{X}/C{x} for hexadecimal may come
+        between.  A message with its own C{P} field uses that instead.
     @param reactor: the reactor to report results on (default: the global
         one, looked up when first needed).
     @param threadpool: where blocking work runs (default: the reactor's).
+    @raise ValueError: C{dovecot_uidl_format} uses something else.
     """
 
     def __init__(
@@ -115,12 +181,15 @@ class MaildirProvider:
         path_template: str,
         *,
         create: bool = True,
+        dovecot_uidl: bool = True,
+        dovecot_uidl_format: str = DOVECOT_DEFAULT_UIDL_FORMAT,
         reactor: Any = None,
         threadpool: Any = None,
     ) -> None:
         check_template(path_template)
         self._template = path_template
         self._create = create
+        self._dovecot = _DovecotUidl(dovecot_uidl_format) if dovecot_uidl else None
         self._reactor = reactor
         self._threadpool = threadpool
 
@@ -133,16 +202,25 @@ class MaildirProvider:
         return self._run(self._open_blocking, avatar_id, folder)
 
     def deliver(
-        self, avatar_id: str, message: bytes | BinaryIO, folder: str | None = None
+        self,
+        avatar_id: str,
+        message: bytes | BinaryIO,
+        folder: str | None = None,
+        uid: str | None = None,
     ) -> Deferred:
         """
         Store a message durably in C{new/}, without taking the session lock.
 
         @param message: the message as C{bytes}, or a binary file read to its
             end in the thread pool.
-        @return: a L{Deferred} firing with the new message's UID.
+        @param uid: the UID to keep (kept in C{popd-uids}), or C{None}.
+        @return: a L{Deferred} firing with the new message's UID; failing
+            with C{ValueError} if C{uid} is invalid or already in use in
+            that Maildir.
         """
-        return self._run(self._deliver_blocking, avatar_id, message, folder)
+        if uid is not None and not is_valid_uid(uid):
+            return fail(ValueError(f"{uid!r} is not a valid UID"))
+        return self._run(self._deliver_blocking, avatar_id, message, folder, uid)
 
     def folders(self, avatar_id: str) -> Deferred:
         """
@@ -167,20 +245,26 @@ class MaildirProvider:
         )
 
     def _open_blocking(self, avatar_id: str, folder: str | None) -> MaildirMaildrop:
-        root = self._prepared_maildir(avatar_id, folder)
+        root = self._prepared_maildir(avatar_id, folder, for_delivery=False)
         lock = acquire_lock(os.path.join(root, LOCK_FILE))
         try:
-            messages = _snapshot(root)
+            messages = _snapshot(root, self._dovecot)
         except BaseException:
             lock.release()
             raise
         return MaildirMaildrop(root, messages, lock, self._run)
 
     def _deliver_blocking(
-        self, avatar_id: str, message: bytes | BinaryIO, folder: str | None
+        self,
+        avatar_id: str,
+        message: bytes | BinaryIO,
+        folder: str | None,
+        uid: str | None,
     ) -> str:
-        root = self._prepared_maildir(avatar_id, folder)
-        return _deliver(root, message)
+        root = self._prepared_maildir(avatar_id, folder, for_delivery=True)
+        if uid is None:
+            return _deliver(root, message)
+        return _deliver_with_uid(root, message, uid, self._dovecot)
 
     def _folders_blocking(self, avatar_id: str) -> list[str]:
         root = self._maildir_path(avatar_id, None)
@@ -197,22 +281,27 @@ class MaildirProvider:
             and _is_maildir(entry.path)
         )
 
-    def _prepared_maildir(self, avatar_id: str, folder: str | None) -> str:
+    def _prepared_maildir(
+        self, avatar_id: str, folder: str | None, *, for_delivery: bool
+    ) -> str:
         """
-        The Maildir to use, created first if allowed.
+        The Maildir to use, created first if allowed: the user's own on open
+        and delivery, a folder only on delivery.
 
-        @raise NoSuchUser: it is missing and may not be created.
+        @raise NoSuchUser: the Maildir is missing and may not be created.
+        @raise NoSuchFolder: the folder is missing and may not be created.
         """
         root = self._maildir_path(avatar_id, folder)
         if _is_maildir(root):
             return root
-        if not self._create:
-            if _is_root(folder):
+        if _is_root(folder):
+            if not self._create:
                 raise NoSuchUser(f"no Maildir for {avatar_id!r}")
-            raise MaildropError(f"no folder {folder!r} for {avatar_id!r}")
-        if not _is_root(folder):
+        elif not (self._create and for_delivery):
+            raise NoSuchFolder(f"no folder {folder!r} for {avatar_id!r}")
+        else:
             # A Maildir++ folder only exists inside a Maildir.
-            self._prepared_maildir(avatar_id, None)
+            self._prepared_maildir(avatar_id, None, for_delivery=True)
         _make_maildir(root, is_folder=not _is_root(folder))
         return root
 
@@ -221,7 +310,7 @@ class MaildirProvider:
         The Maildir of C{avatar_id}, or of one of its folders.
 
         @raise NoSuchUser: the user name is not a safe path component.
-        @raise MaildropError: the folder name is not.
+        @raise NoSuchFolder: the folder name is not.
         """
         try:
             root = expand_path(self._template, avatar_id)
@@ -232,7 +321,7 @@ class MaildirProvider:
         try:
             validate_folder_name(folder)
         except UnsafeNameError as e:
-            raise MaildropError(str(e)) from None
+            raise NoSuchFolder(str(e)) from None
         return os.path.join(root, "." + folder)
 
 
@@ -271,14 +360,18 @@ class MaildirMaildrop:
 
     def commit(self, deleted: Iterable[int], retrieved: Iterable[int] = ()) -> Deferred:
         """
-        Remove the messages at C{deleted}, make that durable, then release
-        the lock (also on error).  Once closed, further calls do nothing.
+        Record first-retrieval times of the messages at C{retrieved}, remove
+        those at C{deleted}, make that durable, then release the lock (also
+        on error).  Once closed, further calls do nothing.
+
+        @raise IndexError: an index is not in the snapshot.
         """
         doomed = [self._message(index) for index in sorted(set(deleted))]
+        fetched = [self._message(index) for index in sorted(set(retrieved))]
         if self._closed:
             return succeed(None)
         self._closed = True
-        return self._run(self._commit_blocking, doomed)
+        return self._run(self._commit_blocking, doomed, fetched)
 
     def release(self) -> Deferred:
         """
@@ -307,12 +400,15 @@ class MaildirMaildrop:
         message.path = path
         return _open_message(path)
 
-    def _commit_blocking(self, doomed: list[_Message]) -> None:
+    def _commit_blocking(self, doomed: list[_Message], fetched: list[_Message]) -> None:
         try:
+            _record_retrievals(self.root, self._messages, doomed, fetched)
             for message in doomed:
                 _remove(self.root, message)
             for subdir in ("new", "cur"):
                 _fsync_directory(os.path.join(self.root, subdir))
+            if doomed:
+                _prune_uid_map(self.root)
         finally:
             self._lock.release()
 
@@ -369,25 +465,69 @@ def _make_maildir(root: str, *, is_folder: bool) -> None:
     _fsync_directory(os.path.dirname(root))
 
 
-def _snapshot(root: str) -> list[_Message]:
+def _snapshot(root: str, dovecot: _DovecotUidl | None = None) -> list[_Message]:
     """
-    List the messages in C{new/} and C{cur/} with their UIDs and CRLF sizes,
-    in delivery order.
+    List the messages in C{new/} and C{cur/} with their UIDs, CRLF sizes
+    and retrieval times, in delivery order.
     """
     cache = _SizeCache(os.path.join(root, SIZE_CACHE_FILE))
-    messages = []
+    retrieved = _load_table(os.path.join(root, RETRIEVED_FILE), _RETRIEVED_HEADER) or {}
+    records = dovecot.records(root) if dovecot is not None else {}
+    found = []
     for _, base, path in sorted(_scan(root)):
         size = _size_from_name(base)
         if size is None:
             size = cache.get(base)
+        if size is None and base in records:
+            size = _DovecotUidl.vsize(records[base])
         if size is None:
             size = _computed_size(path)
             if size is None:
                 continue
             cache.put(base, size)
-        messages.append(_Message(base, path, MessageInfo(uid_for(base), size)))
-    cache.save_if_changed(message.base for message in messages)
-    return messages
+        found.append((base, path, size))
+    cache.save_if_changed(base for base, _, _ in found)
+    uids = _assign_uids(root, [base for base, _, _ in found], dovecot, records)
+    return [
+        _Message(base, path, MessageInfo(uids[base], size, _time(retrieved, base)))
+        for base, path, size in found
+    ]
+
+
+def _time(table: dict[str, str], base: str) -> float | None:
+    value = table.get(base)
+    if value is None or not value.isdigit():
+        return None
+    return float(value)
+
+
+def _assign_uids(
+    root: str,
+    bases: Iterable[str],
+    dovecot: _DovecotUidl | None,
+    records: dict[str, dict[str, str]],
+) -> dict[str, str]:
+    """
+    The UID of each message by base name: given, Dovecot's, or its own
+    (see the module docstring), never the same for two messages.
+    """
+    given = _load_uid_map(root)
+    used: set[str] = set()
+    uids = {}
+    for base in bases:
+        uid = given.get(base)
+        if uid is None or uid in used:
+            record = records.get(base)
+            uid = dovecot.uidl(record) if dovecot and record else None
+        if uid is None or uid in used:
+            uid = uid_for(base)
+        if uid in used:
+            uid = hashlib.sha1(os.fsencode(base)).hexdigest()
+        if uid in used:
+            raise MaildropError(f"message {base!r} has no UID of its own")
+        used.add(uid)
+        uids[base] = uid
+    return uids
 
 
 def _scan(root: str) -> Iterator[tuple[int, str, str]]:
@@ -491,18 +631,26 @@ def _fsync_directory(path: str) -> None:
         os.close(fd)
 
 
-def _deliver(root: str, message: bytes | BinaryIO) -> str:
+def _deliver(
+    root: str,
+    message: bytes | BinaryIO,
+    before_link: Callable[[str], None] | None = None,
+) -> str:
     """
     Write C{message} to C{tmp/}, sync it, link it into C{new/} with its
     stored (C{S=}) and CRLF (C{W=}) sizes in the name, and sync C{new/}.
 
-    @return: the UID of the new message.
+    @param before_link: called with the base name once the message is
+        durable in C{tmp/}, before it becomes visible in C{new/}.
+    @return: the UID of the new message (its own, see L{uid_for}).
     """
     unique = _unique_name()
     tmp_path = os.path.join(root, "tmp", unique)
     try:
         stored, crlf = _write_synced(tmp_path, message)
         base = f"{unique},S={stored},W={crlf}"
+        if before_link is not None:
+            before_link(base)
         _link_or_rename(tmp_path, os.path.join(root, "new", base))
     except BaseException:
         with contextlib.suppress(OSError):
@@ -514,6 +662,100 @@ def _deliver(root: str, message: bytes | BinaryIO) -> str:
         os.unlink(tmp_path)
     _fsync_directory(os.path.join(root, "new"))
     return uid_for(base)
+
+
+def _deliver_with_uid(
+    root: str, message: bytes | BinaryIO, uid: str, dovecot: _DovecotUidl | None
+) -> str:
+    """
+    Deliver C{message} keeping the UID C{uid}, recorded in C{popd-uids}
+    before the message shows in C{new/}.
+
+    @raise ValueError: a message of this Maildir already has that UID.
+    """
+    with _uid_map_lock(root):
+        bases = [base for _, base, _ in _scan(root)]
+        records = dovecot.records(root) if dovecot is not None else {}
+        in_use = set(_assign_uids(root, bases, dovecot, records).values())
+        in_use.update(_load_uid_map(root).values())
+        if uid in in_use:
+            raise ValueError(f"UID {uid!r} is already in use")
+
+        def record(base: str) -> None:
+            table = _load_uid_map(root)
+            table[base] = uid
+            _save_table(os.path.join(root, UID_MAP_FILE), _UID_MAP_HEADER, table)
+
+        _deliver(root, message, record)
+    return uid
+
+
+@contextlib.contextmanager
+def _uid_map_lock(root: str) -> Iterator[None]:
+    """
+    Hold C{popd-uids.lock} (waiting for it): the short lock over changes to
+    C{popd-uids}, apart from the session lock so that delivery never waits
+    for a session.
+    """
+    flags = os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(os.path.join(root, UID_MAP_LOCK_FILE), flags, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _load_uid_map(root: str) -> dict[str, str]:
+    """
+    The given UIDs by base name, from C{popd-uids}.
+
+    @raise MaildropError: the file is in a format this popd does not know;
+        ignoring it would change UIDs.
+    """
+    path = os.path.join(root, UID_MAP_FILE)
+    table = _load_table(path, _UID_MAP_HEADER)
+    if table is None:
+        raise MaildropError(f"{path} is not in a format popd knows")
+    return {base: uid for base, uid in table.items() if is_valid_uid(uid)}
+
+
+def _prune_uid_map(root: str) -> None:
+    """
+    Drop the lines of messages that are gone from C{popd-uids}.
+    """
+    path = os.path.join(root, UID_MAP_FILE)
+    if not os.path.exists(path):
+        return
+    with _uid_map_lock(root):
+        table = _load_uid_map(root)
+        live = {base for _, base, _ in _scan(root)}
+        kept = {base: uid for base, uid in table.items() if base in live}
+        if kept != table:
+            _save_table(path, _UID_MAP_HEADER, kept)
+
+
+def _record_retrievals(
+    root: str, messages: list[_Message], doomed: list[_Message], fetched: list[_Message]
+) -> None:
+    """
+    Rewrite C{popd-retrieved} if a message was retrieved for the first time
+    or lines of messages that are gone can be dropped.
+    """
+    path = os.path.join(root, RETRIEVED_FILE)
+    old = _load_table(path, _RETRIEVED_HEADER) or {}
+    gone = {message.base for message in doomed}
+    table = {
+        message.base: old[message.base]
+        for message in messages
+        if message.base in old and message.base not in gone
+    }
+    now = str(int(time.time()))
+    for message in fetched:
+        if message.base not in gone:
+            table.setdefault(message.base, now)
+    if table != old:
+        _save_table(path, _RETRIEVED_HEADER, table)
 
 
 def _write_synced(path: str, message: bytes | BinaryIO) -> tuple[int, int]:
@@ -567,11 +809,60 @@ def _unique_name() -> str:
     return f"{seconds}.M{usec:06d}P{os.getpid()}Q{count}R{random}.{host}"
 
 
+def _load_table(path: str, header: bytes) -> dict[str, str] | None:
+    """
+    Read one of popd's files: C{header}, then C{<base name> <value>} lines.
+
+    @return: the values by base name (empty if the file is missing), or
+        C{None} if the file does not start with C{header} or has a
+        malformed line.  A last line without its LF, cut off by a crash,
+        is ignored.
+    """
+    try:
+        with open(path, "rb") as table_file:
+            data = table_file.read()
+    except FileNotFoundError:
+        return {}
+    if not data.startswith(header):
+        return None
+    table = {}
+    for line in data[len(header) :].split(b"\n")[:-1]:
+        name, _, value = line.rpartition(b" ")
+        if not name or not value:
+            return None
+        table[os.fsdecode(name)] = os.fsdecode(value)
+    return table
+
+
+def _save_table(path: str, header: bytes, table: dict[str, str]) -> None:
+    """
+    Replace one of popd's files atomically and durably.  Names containing
+    a LF cannot be kept and are left out.
+    """
+    lines = [header]
+    lines += [
+        b"%s %s\n" % (os.fsencode(name), os.fsencode(value))
+        for name, value in table.items()
+        if "\n" not in name
+    ]
+    tmp_path = path + ".tmp"
+    try:
+        with open(tmp_path, "wb") as out:
+            out.writelines(lines)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_path)
+        raise
+    _fsync_directory(os.path.dirname(path))
+
+
 class _SizeCache:
     """
-    The C{popd-sizes} file: a header line, then C{<base name> <size>} per
-    line, each ending in LF.  A malformed line makes the whole cache count as
-    empty, so it is rebuilt.
+    The C{popd-sizes} file: C{<base name> <size>} lines.  A malformed line
+    makes the whole cache count as empty, so it is rebuilt.
     """
 
     def __init__(self, path: str) -> None:
@@ -595,36 +886,120 @@ class _SizeCache:
         """
         if not self._changed:
             return
-        lines = [_SIZE_CACHE_HEADER]
-        for base in live:
-            size = self._sizes.get(base)
-            if size is not None:
-                lines.append(b"%s %d\n" % (os.fsencode(base), size))
-        tmp_path = self._path + ".tmp"
-        try:
-            with open(tmp_path, "wb") as out:
-                out.writelines(lines)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp_path, self._path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_path)
+        table = {base: str(self._sizes[base]) for base in live if base in self._sizes}
+        with contextlib.suppress(OSError):
+            _save_table(self._path, _SIZE_CACHE_HEADER, table)
 
     def _load(self) -> dict[str, int]:
+        table = _load_table(self._path, _SIZE_CACHE_HEADER)
+        if table is None or not all(size.isdigit() for size in table.values()):
+            return {}
+        return {base: int(size) for base, size in table.items()}
+
+
+class _DovecotUidl:
+    """
+    What Dovecot's C{dovecot-uidlist} says about a Maildir's messages: the
+    POP3 UIDL Dovecot gave each, and its CRLF ("virtual") size when known.
+
+    The file (version 3, Dovecot 1.1 and later) starts with a header line
+    C{3 V<uidvalidity> N<next uid> G<mailbox guid> ...}: fields of a key
+    letter and a value, in any order.  Each further line is C{<uid>
+    [<key><value> ...] :<file name>}: C{P} is a POP3 UIDL overriding the
+    format, C{W} the size with CRLF line endings, C{G} the message GUID,
+    C{S} the stored size, C{O} the POP3 order.  The file name is matched by
+    its base (before the flags' C{:}), as Dovecot does.  Version 1
+    (Courier's C{courierimapuiddb} format) is C{1 <uidvalidity> <next uid>},
+    then C{<uid> <file name>}.  A line that does not parse is skipped.
+
+    It is read afresh at each open, like the directories themselves.
+    """
+
+    _FIELD = re.compile(r"%(0?)([0-9]*)([xX]?)([uvgf%])")
+
+    def __init__(self, uidl_format: str) -> None:
+        rest = self._FIELD.sub("", uidl_format)
+        if "%" in rest or not uidl_format:
+            raise ValueError(
+                f"Dovecot UIDL format {uidl_format!r}: use %u, %v, %g, %f and %%"
+                " (with an optional width and X or x)"
+            )
+        self._format = uidl_format
+
+    def records(self, root: str) -> dict[str, dict[str, str]]:
+        """
+        The records of the Maildir's C{dovecot-uidlist} by base name (see
+        L{parse_dovecot_uidlist}); none if it has none.
+        """
         try:
-            with open(self._path, "rb") as cache:
-                data = cache.read()
+            with open(os.path.join(root, DOVECOT_UIDLIST_FILE), "rb") as uidlist:
+                return parse_dovecot_uidlist(uidlist.read())
         except FileNotFoundError:
             return {}
-        if not data.startswith(_SIZE_CACHE_HEADER):
-            return {}
-        sizes = {}
-        # The last element is what follows the final LF: empty, or a line cut
-        # off by a crash, which is ignored rather than trusted.
-        for line in data[len(_SIZE_CACHE_HEADER) :].split(b"\n")[:-1]:
-            name, _, size = line.rpartition(b" ")
-            if not name or not size.isdigit():
-                return {}
-            sizes[os.fsdecode(name)] = int(size)
-        return sizes
+
+    def uidl(self, record: dict[str, str]) -> str | None:
+        """
+        The UIDL Dovecot gave the message of C{record}, if a valid one.
+        """
+        uidl = record.get("P") or self._formatted(record)
+        return uidl if is_valid_uid(uidl) else None
+
+    @staticmethod
+    def vsize(record: dict[str, str]) -> int | None:
+        size = record.get("W", "")
+        return int(size) if size.isdigit() else None
+
+    def _formatted(self, record: dict[str, str]) -> str:
+        def field(match: re.Match) -> str:
+            zero, width, radix, key = match.groups()
+            if key == "%":
+                return "%"
+            if key in "uv":
+                return format(int(record[key]), f"{zero}{width}{radix or 'd'}")
+            value = (record.get("G") or record["f"]) if key == "g" else record["f"]
+            return value.rjust(int(width or 0), "0" if zero else " ")
+
+        return self._FIELD.sub(field, self._format)
+
+
+def parse_dovecot_uidlist(data: bytes) -> dict[str, dict[str, str]]:
+    """
+    Parse a C{dovecot-uidlist} (see L{_DovecotUidl}).
+
+    @return: by base name, the record's fields by key letter, plus C{u}
+        (the IMAP UID), C{v} (the UIDVALIDITY) and C{f} (the base name).
+        Empty for a file in a version this does not know or without a
+        UIDVALIDITY.
+    """
+    lines = data.decode("utf-8", "surrogateescape").split("\n")
+    header = lines[0].split(" ")
+    version, fields = header[0], header[1:]
+    if version == "3":
+        values = {field[:1]: field[1:] for field in fields if field}
+        validity = values.get("V", "")
+    elif version == "1" and len(fields) >= 2:
+        validity = fields[0]
+    else:
+        return {}
+    if not validity.isdigit() or int(validity) == 0:
+        return {}
+    records = {}
+    for line in lines[1:]:
+        uid, _, rest = line.partition(" ")
+        if not uid.isdigit() or int(uid) == 0:
+            continue
+        record = {"u": uid, "v": validity}
+        rest = rest.lstrip(" ")
+        if version == "3":
+            while rest and not rest.startswith(":"):
+                field, _, rest = rest.partition(" ")
+                rest = rest.lstrip(" ")
+                if "A" <= field[:1] <= "Z":
+                    record.setdefault(field[:1], field[1:])
+            rest = rest[1:]
+        if not rest or "/" in rest:
+            continue
+        base = base_name(rest)
+        record["f"] = base
+        records[base] = record
+    return records

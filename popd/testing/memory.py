@@ -2,8 +2,15 @@
 An in-memory maildrop store for tests, popd's and a site's own.
 
 It keeps the whole contract of L{popd.interfaces} (exclusive lock, fixed
-snapshot, deletions only on commit) without touching a disk, so protocol
-tests run fast and a third-party store has a reference to compare with.
+snapshot, deletions only on commit, retrieval times, given UIDs, folders)
+without touching a disk, so protocol tests run fast and a third-party store
+has a reference to compare with; C{tests/test_contract_memory.py} runs the
+contract kit (L{popd.testing.contract}) against it.
+
+User and folder names are checked as if they were paths (L{popd.maildrops.paths}),
+so a test against this store refuses what a real store would.  Opening a
+folder that was never delivered into is L{NoSuchFolder}; delivering into one
+makes it.  C{INBOX}, in any case, is the default folder.
 """
 
 from __future__ import annotations
@@ -24,6 +31,13 @@ from popd.interfaces import (
     MaildropError,
     MaildropInUse,
     MessageInfo,
+    NoSuchFolder,
+    NoSuchUser,
+)
+from popd.maildrops.paths import (
+    UnsafeNameError,
+    validate_folder_name,
+    validate_user_name,
 )
 from popd.stream import wire_size
 
@@ -93,9 +107,16 @@ class MemoryMaildropProvider:
         self._uids = itertools.count(1)
 
     def _mailbox(self, avatar_id: str, folder: str | None) -> _Mailbox:
-        return self._mailboxes.setdefault((avatar_id, folder), _Mailbox())
+        return self._mailboxes.setdefault((avatar_id, _folder_key(folder)), _Mailbox())
 
     def open(self, avatar_id: str, folder: str | None = None) -> Deferred:
+        try:
+            _check_names(avatar_id, folder)
+        except MaildropError as e:
+            return fail(e)
+        folder = _folder_key(folder)
+        if folder is not None and (avatar_id, folder) not in self._mailboxes:
+            return fail(NoSuchFolder(f"{avatar_id} has no folder {folder!r}"))
         mailbox = self._mailbox(avatar_id, folder)
         if mailbox.locked:
             return fail(MaildropInUse(f"{avatar_id} is in use"))
@@ -105,16 +126,32 @@ class MemoryMaildropProvider:
     def deliver(
         self, avatar_id: str, message, folder: str | None = None, uid: str | None = None
     ) -> Deferred:
-        content = message if isinstance(message, bytes) else message.read()
+        try:
+            _check_names(avatar_id, folder)
+        except MaildropError as e:
+            return fail(e)
+        folder = _folder_key(folder)
+        if isinstance(message, bytes | bytearray):
+            content = bytes(message)
+        else:
+            content = b"".join(iter(lambda: message.read(65536), b""))
         mailbox = self._mailbox(avatar_id, folder)
+        used = {stored.uid for stored in mailbox.messages}
         if uid is None:
+            # Skip the UIDs given to deliveries that kept their own.
             uid = f"mem{next(self._uids)}"
-        elif not _UIDL.fullmatch(uid) or any(m.uid == uid for m in mailbox.messages):
+            while uid in used:
+                uid = f"mem{next(self._uids)}"
+        elif not isinstance(uid, str) or not _UIDL.fullmatch(uid) or uid in used:
             return fail(ValueError(f"UID {uid!r} is invalid or already used"))
         mailbox.messages.append(_StoredMessage(uid, content))
         return succeed(uid)
 
     def folders(self, avatar_id: str) -> Deferred:
+        try:
+            _check_names(avatar_id, None)
+        except MaildropError as e:
+            return fail(e)
         return succeed(
             sorted(
                 folder
@@ -129,8 +166,39 @@ class MemoryMaildropProvider:
         """
         return [stored.content for stored in self._mailbox(avatar_id, folder).messages]
 
+    def remove(self, avatar_id: str, uid: str, folder: str | None = None) -> None:
+        """
+        Remove one message at once, as another program would, even while a
+        session holds the maildrop: for tests of vanished messages.
+        """
+        mailbox = self._mailbox(avatar_id, folder)
+        mailbox.messages = [m for m in mailbox.messages if m.uid != uid]
+
     def is_locked(self, avatar_id: str, folder: str | None = None) -> bool:
         """
         Whether a session holds this maildrop, for assertions in tests.
         """
         return self._mailbox(avatar_id, folder).locked
+
+
+def _folder_key(folder: str | None) -> str | None:
+    """
+    C{None} for the default folder, however named (C{INBOX} in any case).
+    """
+    return None if folder is None or folder.upper() == "INBOX" else folder
+
+
+def _check_names(avatar_id: str, folder: str | None) -> None:
+    """
+    Refuse a user or folder name that a store keeping maildrops in files
+    could not safely use as a path component.
+    """
+    try:
+        validate_user_name(avatar_id)
+    except UnsafeNameError as e:
+        raise NoSuchUser(str(e)) from None
+    if folder is not None:
+        try:
+            validate_folder_name(folder)
+        except UnsafeNameError as e:
+            raise NoSuchFolder(str(e)) from None
