@@ -28,7 +28,18 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from popd.auth import passwdfile
-from popd.auth.credentials import APOPCredentials
+from popd.auth.credentials import (
+    APOPCredentials,
+    CertificateCredentials,
+    CramMD5Credentials,
+    ICertificateCredentials,
+    ICramMD5Credentials,
+    IScramSecretSource,
+    IScramSHA1Credentials,
+    IScramSHA256Credentials,
+    IUsableCredentials,
+    ScramCredentials,
+)
 from popd.auth.passwdfile import (
     PasswdEntry,
     PasswdFile,
@@ -301,7 +312,18 @@ def test_missing_file_is_no_users_logged_once(users_path):
 def test_checker_provides_the_interface(make_checker):
     checker = make_checker("")
     assert verifyObject(ICredentialsChecker, checker)
-    assert checker.credentialInterfaces == (IUsernamePassword, IUsernameHashedPassword)
+    assert checker.credentialInterfaces[:2] == (
+        IUsernamePassword,
+        IUsernameHashedPassword,
+    )
+    assert set(checker.credentialInterfaces[2:]) == {
+        ICramMD5Credentials,
+        IScramSHA1Credentials,
+        IScramSHA256Credentials,
+        ICertificateCredentials,
+    }
+    assert verifyObject(IScramSecretSource, checker)
+    assert verifyObject(IUsableCredentials, checker)
 
 
 @pytest.mark.parametrize(
@@ -587,3 +609,205 @@ def test_delete_user(users_path):
     missing = users_path.parent / "missing"
     assert delete_user(missing, "bob") is False
     assert not missing.exists()
+
+
+# -- challenge-response credentials, SCRAM secrets, what CAPA may offer -------
+
+CRAM_PASSWORD = hash_password(b"cram-pw", "CRAM-MD5")
+SCRAM_256 = hash_password(b"scram-pw", "SCRAM-SHA-256", rounds=64)
+SCRAM_1 = hash_password(b"scram-pw", "SCRAM-SHA-1", rounds=64)
+
+
+def cram_response(username: bytes, password: bytes) -> CramMD5Credentials:
+    import hmac as hmac_module
+
+    challenge = b"<12345.678@pop.example>"
+    digest = hmac_module.new(password, challenge, hashlib.md5).hexdigest()
+    return CramMD5Credentials(username, challenge, digest.encode())
+
+
+@pytest.mark.parametrize(
+    ("line", "password", "accepted"),
+    [
+        ("bob:{PLAIN}pw\n", b"pw", True),
+        ("bob:{PLAIN}pw\n", b"wrong", False),
+        (f"bob:{CRAM_PASSWORD}\n", b"cram-pw", True),
+        (f"bob:{CRAM_PASSWORD}\n", b"wrong", False),
+        (f"bob:{SECRET_HASH}\n", b"secret", False),
+        (f"bob:{CRAM_PASSWORD}:::::: nologin\n", b"cram-pw", False),
+        ("", b"pw", False),
+    ],
+)
+def test_cram_md5(make_checker, pool, line, password, accepted):
+    checker = make_checker(line)
+    result = login(checker, pool, cram_response(b"bob", password))
+    assert result == "bob" if accepted else refusal_message(result)
+    assert "digest" not in repr(cram_response(b"bob", password))
+
+
+def test_apop_needs_the_plaintext_even_where_cram_md5_works(make_checker, pool):
+    checker = make_checker(f"bob:{CRAM_PASSWORD}\n")
+    challenge = b"<1.2@pop.example>"
+    digest = hashlib.md5(challenge + b"cram-pw").hexdigest().encode()
+    result = login(checker, pool, APOPCredentials(b"bob", challenge, digest))
+    assert refusal_message(result) == "Authentication failed"
+
+
+def scram_secret(checker, pool, username, algorithm):
+    d = checker.scram_secret(username, algorithm)
+    pool.run()
+    return outcome(d)
+
+
+def test_scram_secrets(make_checker, pool):
+    from popd.auth import scram
+
+    checker = make_checker(
+        f"plain:{{PLAIN}}pw\nsha256:{SCRAM_256}\nsha1:{SCRAM_1}\n"
+        f"hashed:{SECRET_HASH}\ngone:{{PLAIN}}pw:::::: nologin\n"
+    )
+    stored = scram_secret(checker, pool, b"SHA256", "SHA-256")
+    assert stored.iterations == 64 and scram.verify_password(stored, b"scram-pw")
+    assert scram_secret(checker, pool, "sha256", "SHA-1") is None
+    assert scram_secret(checker, pool, "sha1", "SHA-1").iterations == 64
+    derived = scram_secret(checker, pool, "plain", "SHA-256")
+    assert derived.iterations == scram.DEFAULT_ITERATIONS
+    assert derived.salt == scram.stable_salt("plain")
+    assert derived == scram_secret(checker, pool, "PLAIN", "SHA-256")
+    assert scram.verify_password(derived, b"pw")
+    assert scram_secret(checker, pool, "hashed", "SHA-256") is None
+    assert scram_secret(checker, pool, "nobody", "SHA-256") is None
+    assert scram_secret(checker, pool, "plain", "SHA-512") is None
+    assert scram_secret(checker, pool, b"\xff", "SHA-256") is None
+    # nologin: the real salt, and a refusal at the end like a wrong password.
+    assert scram_secret(checker, pool, "gone", "SHA-256") is not None
+
+
+def test_scram_secret_is_looked_up_in_the_thread_pool(make_checker, pool):
+    checker = make_checker("plain:{PLAIN}pw\n")
+    d = checker.scram_secret(b"plain", "SHA-256")
+    assert not d.called
+    pool.run()
+    assert outcome(d) is not None
+
+
+def scram_credentials(secret, username: bytes, password: bytes, algorithm: str):
+    """
+    What a client proving C{password} against C{secret}'s salt sends.
+    """
+    import hmac as hmac_module
+
+    from popd.auth import scram
+
+    name = scram.ALGORITHMS[algorithm]
+    mine = scram.derive_secret(password, algorithm, secret.salt, secret.iterations)
+    auth_message = b"n=x,r=a,r=ab,s=c,i=1,c=biws,r=ab"
+    salted = hashlib.pbkdf2_hmac(name, password, secret.salt, secret.iterations)
+    client_key = hmac_module.new(salted, b"Client Key", name).digest()
+    signature = hmac_module.new(mine.stored_key, auth_message, name).digest()
+    proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+    return ScramCredentials(
+        username, algorithm, auth_message, proof, secret.salt, secret.iterations
+    )
+
+
+@pytest.mark.parametrize(
+    ("user", "algorithm", "password", "accepted"),
+    [
+        ("plain", "SHA-256", b"pw", True),
+        ("plain", "SHA-1", b"pw", True),
+        ("sha256", "SHA-256", b"scram-pw", True),
+        ("sha256", "SHA-256", b"wrong", False),
+        ("gone", "SHA-256", b"pw", False),
+    ],
+)
+def test_scram_credentials(make_checker, pool, user, algorithm, password, accepted):
+    checker = make_checker(
+        f"plain:{{PLAIN}}pw\nsha256:{SCRAM_256}\ngone:{{PLAIN}}pw:::::: nologin\n"
+    )
+    secret = scram_secret(checker, pool, user, algorithm)
+    credentials = scram_credentials(secret, user.encode(), password, algorithm)
+    result = login(checker, pool, credentials)
+    assert result == user if accepted else refusal_message(result)
+
+
+def test_scram_credentials_for_another_salt_are_refused(make_checker, pool):
+    from popd.auth import scram
+
+    checker = make_checker("plain:{PLAIN}pw\n")
+    other = scram.derive_secret(b"pw", "SHA-256")  # a random salt
+    result = login(checker, pool, scram_credentials(other, b"plain", b"pw", "SHA-256"))
+    assert refusal_message(result)
+    unknown = scram.unknown_user_secret("nobody", "SHA-256")
+    credentials = scram_credentials(unknown, b"nobody", b"pw", "SHA-256")
+    assert refusal_message(login(checker, pool, credentials))
+
+
+@pytest.mark.parametrize(
+    ("line", "accepted"),
+    [
+        ("carol:*\n", True),
+        (f"carol:{SECRET_HASH}\n", True),
+        ("carol:*:::::: nologin\n", False),
+        ("carol:\n", False),
+        ("", False),
+    ],
+)
+def test_certificate_credentials(make_checker, pool, line, accepted):
+    checker = make_checker(line)
+    result = login(checker, pool, CertificateCredentials(b"Carol", certificate=None))
+    assert result == "carol" if accepted else refusal_message(result)
+
+
+EVERYTHING = {
+    IUsernamePassword,
+    ICertificateCredentials,
+    IUsernameHashedPassword,
+    ICramMD5Credentials,
+    IScramSHA1Credentials,
+    IScramSHA256Credentials,
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "usable"),
+    [
+        ("bob:{PLAIN}pw\n", EVERYTHING),
+        (f"bob:{SECRET_HASH}\n", {IUsernamePassword, ICertificateCredentials}),
+        ("", {IUsernamePassword, ICertificateCredentials}),
+        (
+            f"bob:{CRAM_PASSWORD}\ncarol:{SCRAM_1}\n",
+            {
+                IUsernamePassword,
+                ICertificateCredentials,
+                ICramMD5Credentials,
+                IScramSHA1Credentials,
+            },
+        ),
+        (
+            f"bob:{SCRAM_256}\ndave:{{PLAIN}}pw:::::: nologin\n",
+            {IUsernamePassword, ICertificateCredentials, IScramSHA256Credentials},
+        ),
+    ],
+)
+def test_usable_credential_interfaces(make_checker, text, usable):
+    checker = make_checker(text)
+    assert checker.usableCredentialInterfaces() == usable
+
+
+def test_usable_interfaces_never_block_after_the_first_read(
+    make_checker, users_path, pool, monkeypatch
+):
+    checker = make_checker(f"bob:{SECRET_HASH}\n")
+    # The first answer reads the file at once.
+    assert IUsernameHashedPassword not in checker.usableCredentialInterfaces()
+    write(users_path, "bob:{PLAIN}pw\n")
+    assert IUsernameHashedPassword not in checker.usableCredentialInterfaces()
+    # Once stale, the file is read again in the thread pool, once at a time.
+    monkeypatch.setattr(passwdfile, "KINDS_MAX_AGE", -1)
+    checker.usableCredentialInterfaces()
+    checker.usableCredentialInterfaces()
+    assert len(pool.pending) == 1
+    assert IUsernameHashedPassword not in checker.usableCredentialInterfaces()
+    pool.run()
+    assert IUsernameHashedPassword in checker.usableCredentialInterfaces()

@@ -289,6 +289,8 @@ CHEAP_ROUNDS = {
     "BLF-CRYPT": 4,
     "SHA512-CRYPT": 1000,
     "SHA256-CRYPT": 1000,
+    "SCRAM-SHA-256": 64,
+    "SCRAM-SHA-1": 64,
 }
 
 
@@ -313,7 +315,10 @@ def test_hash_password_scheme_name_case_insensitive(scheme):
     assert verify_password(stored, b"pw")
 
 
-@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s != "PLAIN"])
+# CRAM-MD5 keeps an HMAC-MD5 context, which has no salt (as in Dovecot).
+@pytest.mark.parametrize(
+    "scheme", [s for s in SCHEMES if s not in ("PLAIN", "CRAM-MD5")]
+)
 def test_hash_password_is_salted(scheme):
     rounds = CHEAP_ROUNDS.get(scheme)
     assert hash_password(b"pw", scheme, rounds=rounds) != hash_password(
@@ -415,3 +420,155 @@ def test_dummy_hash():
     assert not verify_password(first, b"")
     with pytest.raises(AttributeError):
         schemes.NOT_THERE  # noqa: B018
+
+
+# SCRAM, CRAM-MD5, MD5-CRYPT and SSHA256, against what Dovecot makes
+
+# `doveadm pw -s SCHEME -p password` (Dovecot 2.3).
+DOVEADM_VECTORS = {
+    "SCRAM-SHA-256": "{SCRAM-SHA-256}4096,0zoYprpVPdKZ3w5tk4KT1Q==,"
+    "aK39wT2gmjtQkdFsaWMqjkdQmKUyZPdIvhPAWTiI42c=,"
+    "a58940OTLStwqDlO9utTlt/meUFjpjuR6eDTZXM8cMk=",
+    "SCRAM-SHA-1": "{SCRAM-SHA-1}4096,30DFiLDV02ql5AziDhu1Mw==,"
+    "QFGXQoqNQ7p5FYitbzIrYk029o4=,eu2VmpBb/U1MEdS37WehcKWR8kc=",
+    "CRAM-MD5": "{CRAM-MD5}9186d855e11eba527a7a52ca82b313e1"
+    "80d62234f0acc9051b527243d41e2740",
+    "MD5-CRYPT": "{MD5-CRYPT}$1$LBTLWcBm$quogKUHFOv8N6V0x/QfWx.",
+    "SSHA256": "{SSHA256}w2UUsZ2uAi6yYXZoE1CKOEL/98YU1bTXp6+i4SFDVN0HfRna",
+}
+
+
+@pytest.mark.parametrize("stored", DOVEADM_VECTORS.values())
+def test_doveadm_made_values(stored):
+    assert verify_password(stored, b"password")
+    assert not verify_password(stored, b"Password")
+    assert not verify_password(stored, b"")
+
+
+def test_hmac_md5_alias_and_hex_encodings():
+    data = DOVEADM_VECTORS["CRAM-MD5"].removeprefix("{CRAM-MD5}")
+    assert verify_password("{HMAC-MD5}" + data, b"password")
+    assert verify_password("{CRAM-MD5.HEX}" + data, b"password")
+    raw = bytes.fromhex(data)
+    assert verify_password("{CRAM-MD5.B64}" + b64(raw), b"password")
+    assert not verify_password("{CRAM-MD5}" + data[:-2], b"password")
+
+
+def test_new_schemes_are_hashable_and_look_like_doveadm_output():
+    scram = hash_password(b"pw", "SCRAM-SHA-256")
+    iterations, salt, stored_key, server_key = scram.split("}")[1].split(",")
+    assert iterations == "4096"
+    assert len(base64.b64decode(salt)) == 16
+    assert len(base64.b64decode(stored_key)) == len(base64.b64decode(server_key)) == 32
+    scram1 = hash_password(b"pw", "SCRAM-SHA-1", rounds=10000)
+    assert scram1.startswith("{SCRAM-SHA-1}10000,")
+    assert verify_password(scram1, b"pw")
+    cram = hash_password(b"password", "CRAM-MD5")
+    assert cram == DOVEADM_VECTORS["CRAM-MD5"]
+    assert hash_password(b"pw", "MD5-CRYPT").startswith("{MD5-CRYPT}$1$")
+    ssha256 = hash_password(b"pw", "SSHA256")
+    raw = base64.b64decode(ssha256.removeprefix("{SSHA256}"))
+    assert raw[:32] == hashlib.sha256(b"pw" + raw[32:]).digest()
+
+
+def test_scram_iterations_are_bounded():
+    with pytest.raises(ValueError, match="SCRAM iterations"):
+        hash_password(b"pw", "SCRAM-SHA-256", rounds=10**9)
+    stored = DOVEADM_VECTORS["SCRAM-SHA-256"].replace("4096,", "99999999999,")
+    assert not verify_password(stored, b"password")
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        "{SCRAM-SHA-256}4096,c2FsdA==,AAAA,AAAA",  # keys of the wrong size
+        "{SCRAM-SHA-256}4096,c2FsdA==",
+        "{SCRAM-SHA-256}0," + DOVEADM_VECTORS["SCRAM-SHA-256"].split(",", 1)[1],
+        "{SCRAM-SHA-256}x," + DOVEADM_VECTORS["SCRAM-SHA-256"].split(",", 1)[1],
+        "{SCRAM-SHA-256}4096,!!," + DOVEADM_VECTORS["SCRAM-SHA-256"].split(",", 2)[2],
+        # A SHA-1 secret under the SHA-256 name.
+        "{SCRAM-SHA-256}" + DOVEADM_VECTORS["SCRAM-SHA-1"].split("}")[1],
+        "{SCRAM-SHA-1}",
+        "{CRAM-MD5}zz",
+    ],
+)
+def test_malformed_new_values_never_match(stored):
+    assert verify_password(stored, b"password") is False
+    assert schemes.secret_kinds(stored) == frozenset()
+
+
+def test_secret_kinds():
+    kinds = schemes.secret_kinds
+    everything = {"PLAIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"}
+    assert kinds("{PLAIN}pw") == everything
+    assert kinds("{PLAIN.B64}" + b64(b"pw")) == everything
+    assert kinds("{PLAIN}") == frozenset()
+    assert kinds(DOVEADM_VECTORS["CRAM-MD5"]) == {"CRAM-MD5"}
+    assert kinds(DOVEADM_VECTORS["SCRAM-SHA-1"]) == {"SCRAM-SHA-1"}
+    assert kinds(DOVEADM_VECTORS["SCRAM-SHA-256"]) == {"SCRAM-SHA-256"}
+    for stored in (DOVEADM_VECTORS["MD5-CRYPT"], DOVEADM_VECTORS["SSHA256"], "x"):
+        assert kinds(stored) == frozenset()
+
+
+def test_scram_secret_and_cram_context_of():
+    secret = schemes.scram_secret_of(DOVEADM_VECTORS["SCRAM-SHA-256"], "SHA-256")
+    assert secret.iterations == 4096 and secret.algorithm == "SHA-256"
+    assert "aK39" not in repr(secret)  # keys never shown
+    assert schemes.scram_secret_of(DOVEADM_VECTORS["SCRAM-SHA-256"], "SHA-1") is None
+    assert schemes.scram_secret_of("{PLAIN}pw", "SHA-256") is None
+    context = schemes.cram_md5_context_of(DOVEADM_VECTORS["CRAM-MD5"])
+    assert context.hex() == DOVEADM_VECTORS["CRAM-MD5"].removeprefix("{CRAM-MD5}")
+    assert schemes.cram_md5_context_of("{PLAIN}password") is None
+
+
+@given(key=st.binary(max_size=200), message=st.binary(max_size=300))
+def test_hmac_md5_from_a_stored_context(key, message):
+    import hmac as hmac_module
+
+    from popd.auth import hmac_md5
+
+    context = hmac_md5.context_of(key)
+    assert hmac_md5.hmac_md5_with_context(context, message) == (
+        hmac_module.new(key, message, hashlib.md5).digest()
+    )
+
+
+# Against doveadm itself, where it is installed
+
+
+def _doveadm():
+    import shutil
+
+    path = shutil.which("doveadm")
+    if path is None:
+        pytest.skip("doveadm (Dovecot) is not installed: cannot compare with it")
+    return path
+
+
+def _run(*arguments: str) -> str:
+    import subprocess
+
+    result = subprocess.run(
+        [_doveadm(), *arguments], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+NEW_SCHEMES = ("SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "MD5-CRYPT", "SSHA256")
+
+
+@pytest.mark.parametrize("scheme", NEW_SCHEMES)
+def test_popd_verifies_what_doveadm_makes(scheme):
+    for password in ("password", "pässwörd with spaces"):
+        stored = _run("pw", "-s", scheme, "-p", password)
+        assert stored.startswith("{" + scheme + "}")
+        assert verify_password(stored, password.encode())
+        assert not verify_password(stored, password.encode() + b"x")
+
+
+@pytest.mark.parametrize("scheme", NEW_SCHEMES)
+def test_doveadm_verifies_what_popd_makes(scheme):
+    for password in ("password", "pässwörd with spaces"):
+        stored = hash_password(password.encode(), scheme)
+        assert "(verified)" in _run("pw", "-t", stored, "-p", password)

@@ -26,6 +26,15 @@ What popd does with the unusual entries, failing closed:
     honoured: the login is refused and loading the file warns about it.
 
 A flag counts as set unless its value is C{n}, C{no}, C{false} or C{0}.
+
+Besides passwords (USER/PASS, PLAIN, LOGIN), the checker serves the
+challenge-response mechanisms from what the file stores: APOP needs
+C{{PLAIN}}; CRAM-MD5 takes C{{PLAIN}} or C{{CRAM-MD5}}; SCRAM-SHA-1 and
+SCRAM-SHA-256 take C{{PLAIN}} (keys derived with a salt that is stable while
+the process runs) or Dovecot's C{{SCRAM-SHA-1}}/C{{SCRAM-SHA-256}} secrets.
+It tells the protocol which of them some user of the file can use now
+(L{IUsableCredentials}), so CAPA only offers those.  SASL EXTERNAL only
+needs the user to exist and be allowed to log in.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import pwd
 import stat
 import tempfile
 import threading
+import time
 import unicodedata
 from dataclasses import dataclass, field
 
@@ -45,13 +55,28 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from popd.auth import scram
+from popd.auth.credentials import (
+    SCRAM_INTERFACES,
+    ICertificateCredentials,
+    ICramMD5Credentials,
+    IScramCredentials,
+    IScramSecretSource,
+    IScramSHA1Credentials,
+    IScramSHA256Credentials,
+    IUsableCredentials,
+)
 from popd.auth.schemes import (
     UnknownScheme,
+    cram_md5_context_of,
     dummy_hash,
     parse_stored,
     plaintext_of,
+    scram_secret_of,
+    secret_kinds,
     verify_password,
 )
 
@@ -70,6 +95,10 @@ _FALSE_FLAG_VALUES = frozenset({"n", "no", "false", "0"})
 
 # The one message for every refusal, so a client cannot tell them apart.
 _REFUSED = "Authentication failed"
+
+# How old the checker's idea of what the file can serve (for CAPA) may get
+# before a CAPA has it read the file again, in a thread, in seconds.
+KINDS_MAX_AGE = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +278,8 @@ class PasswdFile:
         self._stamp: tuple[int, int, int, int] | None = None
         self._users: dict[str, PasswdEntry] = {}
         self._problem: str | None = None
+        self._kinds: frozenset[str] | None = None
+        self._checked_at = 0.0
 
     def lookup(self, name: str) -> PasswdEntry | None:
         """
@@ -258,7 +289,30 @@ class PasswdFile:
             self._refresh()
             return self._users.get(name.lower())
 
+    def refresh(self) -> None:
+        """
+        Read the file again if it changed (blocking: call it in a thread).
+        """
+        with self._lock:
+            self._refresh()
+
+    def secret_kinds(self) -> frozenset[str] | None:
+        """
+        Which challenge-response mechanisms at least one user who may log
+        in can use (L{popd.auth.schemes.secret_kinds}), as of the last time
+        the file was looked at; C{None} before the first.  Never blocks.
+        """
+        return self._kinds
+
+    @property
+    def checked_at(self) -> float:
+        """
+        When (C{time.monotonic()}) the file was last looked at.
+        """
+        return self._checked_at
+
     def _refresh(self) -> None:
+        self._checked_at = time.monotonic()
         try:
             st = os.stat(self.path)
         except OSError as e:
@@ -276,10 +330,16 @@ class PasswdFile:
         self._users = self._parse(data)
         self._stamp = stamp
         self._problem = None
+        kinds: set[str] = set()
+        for entry in self._users.values():
+            if entry.may_log_in:
+                kinds |= secret_kinds(entry.password)
+        self._kinds = frozenset(kinds)
 
     def _unavailable(self, error: OSError) -> None:
         self._users = {}
         self._stamp = None
+        self._kinds = frozenset()
         problem = "missing" if isinstance(error, FileNotFoundError) else str(error)
         if problem != self._problem:
             self._problem = problem
@@ -343,17 +403,21 @@ def _as_bytes(value: bytes | str) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else value
 
 
-@implementer(ICredentialsChecker)
+@implementer(ICredentialsChecker, IScramSecretSource, IUsableCredentials)
 class PasswdFileChecker:
     """
-    Checks USER/PASS, SASL PLAIN (L{IUsernamePassword}) and APOP
-    (L{IUsernameHashedPassword}) credentials against a L{PasswdFile}.
+    Checks credentials against a L{PasswdFile}: USER/PASS, SASL PLAIN and
+    LOGIN (L{IUsernamePassword}), APOP (L{IUsernameHashedPassword}),
+    CRAM-MD5 (L{ICramMD5Credentials}), SCRAM-SHA-1 and SCRAM-SHA-256
+    (L{IScramCredentials}, with L{scram_secret} for the mechanism) and SASL
+    EXTERNAL (L{ICertificateCredentials}).
 
     The lookup and the hash verification run in a thread pool, never on the
     reactor thread.  An unknown user costs a verification against
     L{dummy_hash}, so a failed login takes about as long either way; every
     refusal is the same L{UnauthorizedLogin}.  APOP needs the plaintext, so
-    it only succeeds for users stored with PLAIN or CLEAR.
+    it only succeeds for users stored with PLAIN or CLEAR; CRAM-MD5 and
+    SCRAM also work from Dovecot's CRAM-MD5 and SCRAM-SHA-* values.
 
     @param reactor: the reactor to deliver results on; the global one by
         default.
@@ -361,24 +425,22 @@ class PasswdFileChecker:
         default.
     """
 
-    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
+    credentialInterfaces = (
+        IUsernamePassword,
+        IUsernameHashedPassword,
+        ICramMD5Credentials,
+        IScramSHA256Credentials,
+        IScramSHA1Credentials,
+        ICertificateCredentials,
+    )
 
     def __init__(self, passwd_file: PasswdFile, reactor=None, threadpool=None) -> None:
         self.passwd_file = passwd_file
         self._reactor = reactor
         self._threadpool = threadpool
+        self._refreshing = False
 
-    def requestAvatarId(self, credentials) -> defer.Deferred[str]:
-        """
-        @return: a L{Deferred} firing with the user's lower-case name from
-            the file, or failing with L{UnauthorizedLogin}.
-        """
-        try:
-            username = credentials.username
-            if isinstance(username, bytes):
-                username = username.decode("utf-8")
-        except (AttributeError, UnicodeDecodeError):
-            return defer.fail(UnauthorizedLogin(_REFUSED))
+    def _in_thread(self, function, *args) -> defer.Deferred:
         reactor = self._reactor
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -387,7 +449,18 @@ class PasswdFileChecker:
         threadpool = self._threadpool
         if threadpool is None:
             threadpool = reactor.getThreadPool()
-        d = deferToThreadPool(reactor, threadpool, self._check, username, credentials)
+        return deferToThreadPool(reactor, threadpool, function, *args)
+
+    def requestAvatarId(self, credentials) -> defer.Deferred[str]:
+        """
+        @return: a L{Deferred} firing with the user's lower-case name from
+            the file, or failing with L{UnauthorizedLogin}.
+        """
+        try:
+            username = _as_text(credentials.username)
+        except (AttributeError, UnicodeDecodeError):
+            return defer.fail(UnauthorizedLogin(_REFUSED))
+        d = self._in_thread(self._check, username, credentials)
         d.addCallback(self._avatar_or_refusal)
         return d
 
@@ -399,23 +472,122 @@ class PasswdFileChecker:
         if IUsernamePassword.providedBy(credentials):
             stored = entry.password if entry and entry.password else dummy_hash()
             matched = verify_password(stored, _as_bytes(credentials.password))
+        elif ICertificateCredentials.providedBy(credentials):
+            # The TLS layer verified the certificate that names the user.
+            matched = True
+        elif IScramCredentials.providedBy(credentials):
+            secret = _scram_secret(entry, credentials.algorithm)
+            matched = secret is not None and credentials.checkSecret(secret) is True
+        elif IUsernameHashedPassword.providedBy(credentials):
+            matched = self._check_hashed(entry, credentials)
         else:
-            plaintext = plaintext_of(entry.password) if entry else None
-            # Check even without a plaintext, so timing is alike.  A checker
-            # runs in a thread: a Deferred from checkPassword counts as "no".
-            matched = (
-                credentials.checkPassword(plaintext or os.urandom(16)) is True
-                and plaintext is not None
-            )
+            matched = False
         if matched and entry is not None and entry.may_log_in:
             return entry.name
         return None
+
+    @staticmethod
+    def _check_hashed(entry: PasswdEntry | None, credentials) -> bool:
+        """
+        APOP and CRAM-MD5: with the plaintext, or for CRAM-MD5 with a
+        stored HMAC-MD5 context.  A C{Deferred} (or anything but C{True})
+        from the credentials counts as "no": this runs in a thread.
+        """
+        stored = entry.password if entry else ""
+        plaintext = plaintext_of(stored) if stored else None
+        context = cram_md5_context_of(stored) if stored and not plaintext else None
+        if context is not None and ICramMD5Credentials.providedBy(credentials):
+            return credentials.checkHMACMD5Context(context) is True
+        # Check even without a plaintext, so timing is alike.
+        return (
+            credentials.checkPassword(plaintext or os.urandom(16)) is True
+            and plaintext is not None
+        )
 
     @staticmethod
     def _avatar_or_refusal(avatar_id: str | None) -> str:
         if avatar_id is None:
             raise UnauthorizedLogin(_REFUSED)
         return avatar_id
+
+    # IScramSecretSource
+
+    def scram_secret(self, username, algorithm: str) -> defer.Deferred:
+        """
+        The user's SCRAM secret: a stored C{{SCRAM-*}} value for
+        C{algorithm}, or keys derived from a C{{PLAIN}} password (in the
+        thread pool: PBKDF2 costs CPU) with a salt that stays the same
+        while the process runs.  C{None} for anyone else, including users
+        who may not log in only because of C{nologin}: their salt is real,
+        and the login fails later like any wrong password.
+        """
+        if algorithm not in scram.ALGORITHMS:
+            return defer.succeed(None)
+        try:
+            name = _as_text(username)
+        except UnicodeDecodeError:
+            return defer.succeed(None)
+        return self._in_thread(
+            lambda: _scram_secret(self.passwd_file.lookup(name), algorithm)
+        )
+
+    # IUsableCredentials
+
+    def usableCredentialInterfaces(self) -> frozenset:
+        """
+        Passwords and certificates always; APOP, CRAM-MD5 and each SCRAM
+        only while some user who may log in has a stored value that serves
+        it.  Answers from the file as last read: the first call reads it
+        (once, blocking), later ones have it read again in a thread when
+        their answer is older than L{KINDS_MAX_AGE} seconds.
+        """
+        kinds = self.passwd_file.secret_kinds()
+        if kinds is None:
+            self.passwd_file.refresh()
+            kinds = self.passwd_file.secret_kinds() or frozenset()
+        elif time.monotonic() - self.passwd_file.checked_at > KINDS_MAX_AGE:
+            self._refresh_in_thread()
+        usable = {IUsernamePassword, ICertificateCredentials}
+        if "PLAIN" in kinds:
+            usable.add(IUsernameHashedPassword)
+        if "CRAM-MD5" in kinds:
+            usable.add(ICramMD5Credentials)
+        for algorithm, interface in SCRAM_INTERFACES.items():
+            if "SCRAM-" + algorithm in kinds:
+                usable.add(interface)
+        return frozenset(usable)
+
+    def _refresh_in_thread(self) -> None:
+        if self._refreshing:
+            return
+        self._refreshing = True
+
+        def done(result):
+            self._refreshing = False
+            if isinstance(result, Failure):
+                _log.failure("re-reading {path}", result, path=self.passwd_file.path)
+
+        self._in_thread(self.passwd_file.refresh).addBoth(done)
+
+
+def _scram_secret(entry: PasswdEntry | None, algorithm: str):
+    """
+    C{entry}'s SCRAM secret for C{algorithm} (see
+    L{PasswdFileChecker.scram_secret}), or C{None}.
+    """
+    if entry is None or not entry.password:
+        return None
+    secret = scram_secret_of(entry.password, algorithm)
+    if secret is not None:
+        return secret
+    plaintext = plaintext_of(entry.password)
+    if plaintext is None:
+        return None
+    return scram.derive_secret(plaintext, algorithm, scram.stable_salt(entry.name))
+
+
+def _as_text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
 def set_password(path: str | os.PathLike[str], user: str, stored_hash: str) -> bool:

@@ -12,6 +12,13 @@ Verification never raises: an unknown scheme or malformed data is simply a
 password that does not match.  L{parse_stored} is the strict reader for
 tools that want to tell an administrator what is wrong.
 
+Challenge-response mechanisms need more than a hash to compare with:
+L{plaintext_of} gives the password of C{PLAIN} values (APOP, CRAM-MD5 and
+SCRAM can all use it), L{cram_md5_context_of} the HMAC-MD5 context of
+C{CRAM-MD5} values, L{scram_secret_of} the keys of C{SCRAM-SHA-1} and
+C{SCRAM-SHA-256} values; L{secret_kinds} says which of them a value can
+serve.
+
 Where this is stricter than Dovecot:
 
   - a scheme naming one crypt(3) or Argon2 variant (C{SHA512-CRYPT},
@@ -41,22 +48,41 @@ from argon2.low_level import Type as _Argon2Type
 from argon2.low_level import verify_secret as _argon2_verify
 from passlib.hash import des_crypt, md5_crypt, sha256_crypt, sha512_crypt
 
+from popd.auth import hmac_md5, scram
+
 __all__ = [
     "DEFAULT_SCHEME",
     "MAX_PASSWORD_BYTES",
     "SCHEMES",
     "UnknownScheme",
+    "cram_md5_context_of",
     "dummy_hash",
     "hash_password",
     "parse_stored",
     "plaintext_of",
+    "scram_secret_of",
+    "secret_kinds",
     "verify_password",
 ]
 
 DEFAULT_SCHEME = "ARGON2ID"
 
-# The schemes hash_password can produce, strongest first.
-SCHEMES = ("ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT", "SSHA512", "PLAIN")
+# The schemes hash_password can produce, strongest first.  SCRAM-SHA-256,
+# SCRAM-SHA-1 and CRAM-MD5 also let those mechanisms log users in without
+# the plaintext; CRAM-MD5 and PLAIN are password equivalents.
+SCHEMES = (
+    "ARGON2ID",
+    "BLF-CRYPT",
+    "SHA512-CRYPT",
+    "SHA256-CRYPT",
+    "SCRAM-SHA-256",
+    "SSHA512",
+    "SSHA256",
+    "SCRAM-SHA-1",
+    "MD5-CRYPT",
+    "CRAM-MD5",
+    "PLAIN",
+)
 
 # Longer passwords never verify and cannot be hashed: real passwords are far
 # shorter, and SHA-crypt's work grows with the password's length.
@@ -198,6 +224,22 @@ def _verify_md5(password: bytes, raw: bytes) -> bool:
     return digest is not None and _digest("md5")(password, digest)
 
 
+def _scram(algorithm: str) -> Callable[[bytes, bytes], bool]:
+    """
+    Dovecot's SCRAM-SHA-*: C{iterations,salt,StoredKey,ServerKey}.
+    """
+
+    def verify(password: bytes, raw: bytes) -> bool:
+        secret = scram.parse_dovecot(raw.decode("ascii"), algorithm)
+        return secret is not None and scram.verify_password(secret, password)
+
+    return verify
+
+
+def _verify_cram_md5(password: bytes, raw: bytes) -> bool:
+    return hmac.compare_digest(hmac_md5.context_of(password), raw)
+
+
 _SCHEME_TABLE: dict[str, _Scheme] = {
     "PLAIN": _Scheme(_NONE, 0, _verify_plain),
     "CLEAR": _Scheme(_NONE, 0, _verify_plain),
@@ -222,9 +264,19 @@ _SCHEME_TABLE: dict[str, _Scheme] = {
     "SSHA": _Scheme(_B64, 0, _salted("sha1")),
     "SSHA256": _Scheme(_B64, 0, _salted("sha256")),
     "SSHA512": _Scheme(_B64, 0, _salted("sha512")),
+    "SCRAM-SHA-1": _Scheme(_NONE, 0, _scram("SHA-1")),
+    "SCRAM-SHA-256": _Scheme(_NONE, 0, _scram("SHA-256")),
+    "CRAM-MD5": _Scheme(_HEX, hmac_md5.CONTEXT_SIZE, _verify_cram_md5),
+    "HMAC-MD5": _Scheme(_HEX, hmac_md5.CONTEXT_SIZE, _verify_cram_md5),
 }
 
 _PLAINTEXT_SCHEMES = frozenset({"PLAIN", "CLEAR", "CLEARTEXT"})
+_CRAM_MD5_SCHEMES = frozenset({"CRAM-MD5", "HMAC-MD5"})
+_SCRAM_SCHEMES = {"SCRAM-SHA-1": "SHA-1", "SCRAM-SHA-256": "SHA-256"}
+
+#: What L{secret_kinds} can name: the challenge-response mechanisms a stored
+#: value can serve.
+SECRET_KINDS = frozenset({"PLAIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"})
 
 
 def _lookup(name: str) -> tuple[str, _Scheme, str, bool]:
@@ -355,6 +407,58 @@ def plaintext_of(stored: str) -> bytes | None:
     return parsed[2] or None
 
 
+def cram_md5_context_of(stored: str) -> bytes | None:
+    """
+    The 32-byte HMAC-MD5 context of a C{{CRAM-MD5}} (or C{{HMAC-MD5}})
+    value, which answers any CRAM-MD5 challenge (L{popd.auth.hmac_md5});
+    C{None} for any other or a malformed value.
+    """
+    parsed = _raw_value(stored)
+    if parsed is None or parsed[0] not in _CRAM_MD5_SCHEMES:
+        return None
+    return parsed[2]
+
+
+def scram_secret_of(stored: str, algorithm: str) -> scram.ScramSecret | None:
+    """
+    The SCRAM secret of a C{{SCRAM-SHA-1}} or C{{SCRAM-SHA-256}} value for
+    C{algorithm} (C{"SHA-1"} or C{"SHA-256"}); C{None} for any other value,
+    one for the other hash, or a malformed one.  (A plaintext value serves
+    SCRAM too, through L{scram.derive_secret}; that is the caller's choice
+    of salt.)
+    """
+    parsed = _raw_value(stored)
+    if parsed is None or _SCRAM_SCHEMES.get(parsed[0]) != algorithm:
+        return None
+    try:
+        return scram.parse_dovecot(parsed[2].decode("ascii"), algorithm)
+    except UnicodeDecodeError:
+        return None
+
+
+def secret_kinds(stored: str) -> frozenset[str]:
+    """
+    Which challenge-response mechanisms a stored value can serve, among
+    L{SECRET_KINDS}: all of them for a plaintext password, C{CRAM-MD5} for
+    a CRAM-MD5 context, C{SCRAM-SHA-1} or C{SCRAM-SHA-256} for a SCRAM
+    secret, none for a hash.  (C{"PLAIN"} means the plaintext itself is
+    there, which APOP needs.)
+    """
+    parsed = _raw_value(stored)
+    if parsed is None or not parsed[2]:
+        return frozenset()
+    name = parsed[0]
+    if name in _PLAINTEXT_SCHEMES:
+        return SECRET_KINDS
+    if name in _CRAM_MD5_SCHEMES:
+        return frozenset({"CRAM-MD5"})
+    if name in _SCRAM_SCHEMES:
+        if scram_secret_of(stored, _SCRAM_SCHEMES[name]) is None:
+            return frozenset()
+        return frozenset({name})
+    return frozenset()
+
+
 def hash_password(
     password: bytes, scheme: str = DEFAULT_SCHEME, *, rounds: int | None = None
 ) -> str:
@@ -365,9 +469,9 @@ def hash_password(
     @param password: the new password; at most L{MAX_PASSWORD_BYTES} bytes
         and no NUL (Dovecot reads passwords as C strings).
     @param scheme: one of L{SCHEMES}, any letter case.
-    @param rounds: like C{doveadm pw -r}: Argon2 time cost, SHA-crypt rounds
-        or bcrypt's log2 cost; ignored by SSHA512 and PLAIN.  C{None} for
-        popd's defaults.
+    @param rounds: like C{doveadm pw -r}: Argon2 time cost, SHA-crypt rounds,
+        bcrypt's log2 cost or SCRAM's iterations; ignored by the others.
+        C{None} for popd's defaults.
     @return: C{"{SCHEME}data"}.  PLAIN gives C{{PLAIN.B64}} when the password
         is not UTF-8 or holds a character a passwd-file line cannot (C{:} or
         a control character).
@@ -406,10 +510,25 @@ def hash_password(
     elif name in ("SHA512-CRYPT", "SHA256-CRYPT"):
         handler = sha512_crypt if name == "SHA512-CRYPT" else sha256_crypt
         data = handler.using(rounds=rounds or _SHA_CRYPT_ROUNDS).hash(password)
-    elif name == "SSHA512":
+    elif name in ("SSHA512", "SSHA256"):
         salt = os.urandom(_SSHA_SALT_BYTES)
-        digest = hashlib.sha512(password + salt).digest()
+        algorithm = "sha512" if name == "SSHA512" else "sha256"
+        digest = hashlib.new(algorithm, password + salt).digest()
         data = base64.b64encode(digest + salt).decode("ascii")
+    elif name in _SCRAM_SCHEMES:
+        iterations = rounds or scram.DEFAULT_ITERATIONS
+        if not 1 <= iterations <= scram.MAX_ITERATIONS:
+            raise ValueError(
+                f"SCRAM iterations must be 1 to {scram.MAX_ITERATIONS}, not {rounds}"
+            )
+        secret = scram.derive_secret(
+            password, _SCRAM_SCHEMES[name], iterations=iterations
+        )
+        data = secret.dovecot()
+    elif name == "CRAM-MD5":
+        data = hmac_md5.context_of(password).hex()
+    elif name == "MD5-CRYPT":
+        data = md5_crypt.hash(password)
     else:
         return _plain(password)
     return f"{{{name}}}{data}"
