@@ -9,11 +9,16 @@ to read a traceback.  With no file at all the embedded defaults serve
 
 from __future__ import annotations
 
+import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
+
+from popd.auth.sqlusers import DEFAULT_QUERY as DEFAULT_SQL_QUERY
+from popd.auth.sqlusers import check_query
 
 DEFAULT_DATA_DIR = Path("popd-data")
 PLAINTEXT_POLICIES = ("tls-only", "always")
@@ -24,12 +29,27 @@ _DEFAULT_PATHS = {
     "mbox": ("mail", "%u", "mbox"),
 }
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+# The same as popd.sasl.DEFAULT_MECHANISMS (a test keeps them equal).
+DEFAULT_SASL_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN")
+_SASL_NAME = re.compile(r"[A-Z0-9_-]{1,20}")
 
 
 class ConfigError(Exception):
     """
     The configuration cannot be used; the message says which key or file.
     """
+
+
+@dataclass(frozen=True)
+class SNICertificate:
+    """
+    One C{[tls] sni} entry: the certificate and key for clients that ask
+    for one of C{names} (exact host names, or C{*.domain} for one label).
+    """
+
+    names: tuple[str, ...]
+    certificate: Path
+    key: Path
 
 
 @dataclass(frozen=True)
@@ -47,7 +67,14 @@ class Settings:
     tls_certificate: Path | None = None
     tls_key: Path | None = None
     tls_min_version: str = "TLSv1.2"
+    tls_client_ca: Path | None = None
     passwd_file: Path | None = None
+    sasl_mechanisms: tuple[str, ...] = DEFAULT_SASL_MECHANISMS
+    external: bool = False
+    checkers: tuple[str, ...] = ()
+    failure_delay: float = 2.0
+    sql_dsn: str = ""
+    sql_query: str = DEFAULT_SQL_QUERY
     plaintext: str = "tls-only"
     trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     apop: bool = False
@@ -61,7 +88,25 @@ class Settings:
     transaction_timeout: float = 600.0
     max_bad_commands: int = 20
     max_auth_failures: int = 3
+    lmtp_listen: tuple[str, ...] = ("tcp:24024:interface=127.0.0.1",)
+    smtp_listen: tuple[str, ...] = ()
+    max_message_size: int = 50 * 1024 * 1024
+    delivery_recipient: str = "auto"
+    recipient_delimiter: str = "+"
+    detail_folders: bool = False
     generated_tls: bool = field(default=False)
+    # Running it for real: see _operations_settings.
+    workers: int = 1
+    trusted_proxies: tuple[str, ...] = ()
+    pop3_proxy_protocol: bool = False
+    pop3s_proxy_protocol: bool = False
+    log_format: str = "text"
+    log_file: Path | None = None
+    tls_ciphers: str | None = None
+    tls_sni: tuple[SNICertificate, ...] = ()
+    max_connections: int = 10000
+    max_connections_per_ip: int = 50
+    metrics_listen: tuple[str, ...] = ()
 
     @property
     def tls_dir(self) -> Path:
@@ -141,7 +186,20 @@ class _Section:
             raise ConfigError(f"unknown key [{self.name}] {unknown[0]}")
 
 
-_SECTIONS = ("server", "pop3", "pop3s", "tls", "auth", "maildrop", "limits")
+_SECTIONS = (
+    "server",
+    "pop3",
+    "pop3s",
+    "tls",
+    "auth",
+    "maildrop",
+    "limits",
+    "lmtp",
+    "smtp",
+    "delivery",
+    "metrics",
+)
+RECIPIENT_MODES = ("auto", "full", "local")
 
 
 def _read_toml(path: Path) -> dict:
@@ -211,6 +269,223 @@ def _store_settings(maildrop: _Section, base: Path, root: Path) -> dict:
     return store
 
 
+def _delivery_settings(lmtp: _Section, smtp: _Section, delivery: _Section) -> dict:
+    """
+    The keys of delivery from the MTA: the LMTP and SMTP listeners and
+    [delivery].
+    """
+    delimiter = delivery.string("recipient_delimiter", "+")
+    if len(delimiter) > 1 or delimiter.isalnum() or delimiter in ("@", '"'):
+        raise ConfigError(
+            "[delivery] recipient_delimiter must be one punctuation character "
+            'other than @ and " (or empty to turn address details off)'
+        )
+    return {
+        "lmtp_listen": lmtp.strings("listen", Settings.lmtp_listen),
+        "smtp_listen": smtp.strings("listen", Settings.smtp_listen),
+        "max_message_size": delivery.integer(
+            "max_message_size", Settings.max_message_size, minimum=1
+        ),
+        "delivery_recipient": delivery.choice("recipient", RECIPIENT_MODES, "auto"),
+        "recipient_delimiter": delimiter,
+        "detail_folders": delivery.boolean("detail_folders", False),
+    }
+
+
+def _checker_settings(
+    auth: _Section, base: Path, root: Path, store: dict, passwd_file: Path
+) -> dict:
+    """
+    The [auth] keys of the user databases: C{checkers} (C{KIND:ARGUMENTS}
+    strings, default the passwd-file), C{failure_delay}, and C{sql_dsn} /
+    C{sql_query} for C{sql} checkers given without them.
+    """
+    checkers = []
+    for description in auth.strings("checkers", (f"passwd-file:{passwd_file}",)):
+        kind, colon, argument = description.partition(":")
+        if not kind or not kind.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(
+                f"[auth] checkers: {description!r} is not KIND:ARGUMENTS "
+                '(such as "passwd-file:/etc/popd/passwd")'
+            )
+        if kind == "passwd-file":
+            if not argument:
+                raise ConfigError("[auth] checkers: passwd-file needs a path")
+            description = f"passwd-file:{_path(base, argument)}"
+        checkers.append(description)
+    default_dsn = store.get("dsn") or f"sqlite:///{root / 'popd.sqlite3'}"
+    dsn = auth.string("sql_dsn", default_dsn)
+    if dsn.startswith("sqlite:") and not dsn.startswith("sqlite:///"):
+        dsn = f"sqlite:///{_path(base, dsn.removeprefix('sqlite:'))}"
+    query = auth.string("sql_query", DEFAULT_SQL_QUERY)
+    try:
+        check_query(query)
+    except ValueError as error:
+        raise ConfigError(f"[auth] sql_query: {error}") from None
+    return {
+        "checkers": tuple(checkers),
+        "failure_delay": auth.number("failure_delay", 2.0),
+        "sql_dsn": dsn,
+        "sql_query": query,
+    }
+
+
+def _sasl_settings(auth: _Section, client_ca: Path | None) -> dict:
+    """
+    The [auth] keys of SASL: C{mechanisms} (names, offered in that order
+    where they can work) and C{external} (SASL EXTERNAL with TLS client
+    certificates, which needs [tls] client_ca and adds EXTERNAL).
+    """
+    names = tuple(
+        name.upper() for name in auth.strings("mechanisms", DEFAULT_SASL_MECHANISMS)
+    )
+    for name in names:
+        if not _SASL_NAME.fullmatch(name):
+            raise ConfigError(
+                f"[auth] mechanisms: {name!r} is not a SASL mechanism name"
+            )
+    if len(set(names)) != len(names):
+        raise ConfigError("[auth] mechanisms: a mechanism is named twice")
+    external = auth.boolean("external", False)
+    if external and client_ca is None:
+        raise ConfigError(
+            "[auth] external = true needs [tls] client_ca, the CAs whose client "
+            "certificates are trusted"
+        )
+    if "EXTERNAL" in names and not external:
+        raise ConfigError("[auth] mechanisms: EXTERNAL needs [auth] external = true")
+    if external and "EXTERNAL" not in names:
+        names += ("EXTERNAL",)
+    return {"sasl_mechanisms": names, "external": external}
+
+
+_HOST_NAME = re.compile(
+    r"(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
+)
+LOG_FORMATS = ("text", "json")
+
+
+def _networks(section: _Section, key: str, default: tuple[str, ...]) -> tuple:
+    networks = section.strings(key, default)
+    for network in networks:
+        try:
+            ip_network(network)
+        except ValueError:
+            raise ConfigError(
+                f"[{section.name}] {key}: {network!r} is not a network address"
+            ) from None
+    return networks
+
+
+def _workers(server: _Section) -> int:
+    """
+    C{[server] workers}: a number of processes, or C{"auto"} for one per
+    core this process may run on.
+    """
+    value = server._get("workers", (int, str), 1)
+    if value == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            return max(1, os.cpu_count() or 1)
+    if isinstance(value, str) or not 1 <= value <= 256:
+        raise ConfigError(
+            f'[server] workers must be "auto" or a number from 1 to 256, not {value!r}'
+        )
+    return value
+
+
+def _sni_entry(where: str, names, table: Any, base: Path) -> SNICertificate:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table with certificate and key")
+    unknown = sorted(set(table) - {"certificate", "key", "name", "names"})
+    if unknown:
+        raise ConfigError(f"unknown key {where} {unknown[0]}")
+    paths = {}
+    for key in ("certificate", "key"):
+        value = table.get(key)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where} needs {key}, a PEM file")
+        paths[key] = _path(base, value)
+    cleaned = []
+    for name in names:
+        if not isinstance(name, str) or not _HOST_NAME.fullmatch(
+            name.lower().rstrip(".")
+        ):
+            raise ConfigError(f"{where}: {name!r} is not a host name")
+        cleaned.append(name.lower().rstrip("."))
+    if not cleaned:
+        raise ConfigError(f"{where} names no host")
+    return SNICertificate(tuple(cleaned), paths["certificate"], paths["key"])
+
+
+def _sni(tls: _Section, base: Path) -> tuple[SNICertificate, ...]:
+    """
+    C{[tls] sni}: a table of host name -> C{{certificate, key}}, or an
+    array of tables each with C{name} (or C{names}), C{certificate} and
+    C{key}.
+    """
+    raw = tls._get("sni", (dict, list), None)
+    if raw is None:
+        return ()
+    entries = []
+    if isinstance(raw, dict):
+        for name, table in raw.items():
+            entries.append(_sni_entry(f"[tls] sni {name!r}", [name], table, base))
+    else:
+        for number, table in enumerate(raw, 1):
+            where = f"[tls] sni entry {number}"
+            if not isinstance(table, dict):
+                raise ConfigError(f"{where} must be a table")
+            names = table.get("names", [])
+            if "name" in table:
+                names = [table["name"], *names]
+            if not isinstance(names, list):
+                raise ConfigError(f"{where}: names must be a list of host names")
+            entries.append(_sni_entry(where, names, table, base))
+    seen: set[str] = set()
+    for entry in entries:
+        for name in entry.names:
+            if name in seen:
+                raise ConfigError(f"[tls] sni: {name} is named twice")
+            seen.add(name)
+    return tuple(entries)
+
+
+def _operations_settings(sections: dict[str, _Section], base: Path) -> dict:
+    """
+    The keys of running popd for real: worker processes, logging, the
+    PROXY protocol, TLS ciphers and SNI certificates, connection limits
+    and the metrics listener.
+    """
+    server, tls, limits = sections["server"], sections["tls"], sections["limits"]
+    proxies = _networks(server, "trusted_proxies", ())
+    proxied = {}
+    for label in ("pop3", "pop3s"):
+        proxied[label] = sections[label].boolean("proxy_protocol", False)
+        if proxied[label] and not proxies:
+            raise ConfigError(
+                f"[{label}] proxy_protocol = true needs [server] trusted_proxies, "
+                "the addresses of the load balancers"
+            )
+    ciphers = tls.string("ciphers")
+    if ciphers is not None and not ciphers.strip():
+        raise ConfigError("[tls] ciphers must be an OpenSSL cipher string")
+    return {
+        "workers": _workers(server),
+        "trusted_proxies": proxies,
+        "pop3_proxy_protocol": proxied["pop3"],
+        "pop3s_proxy_protocol": proxied["pop3s"],
+        "log_format": server.choice("log_format", LOG_FORMATS, "text"),
+        "log_file": _path(base, server.string("log_file")),
+        "tls_ciphers": ciphers,
+        "tls_sni": _sni(tls, base),
+        "max_connections": limits.integer("max_connections", 10000),
+        "max_connections_per_ip": limits.integer("max_connections_per_ip", 50),
+        "metrics_listen": sections["metrics"].strings("listen", ()),
+    }
+
+
 def load_settings(
     config_file: str | Path | None = None, data_dir: str | Path | None = None
 ) -> Settings:
@@ -231,8 +506,8 @@ def load_settings(
         if unknown:
             raise ConfigError(f"unknown section [{unknown[0]}] in {config_path}")
     sections = {name: _Section(name, raw.get(name, {})) for name in _SECTIONS}
-    server, pop3, pop3s, tls, auth, maildrop, limits = (
-        sections[name] for name in _SECTIONS
+    server, pop3, pop3s, tls, auth, maildrop, limits, lmtp, smtp, delivery = (
+        sections[name] for name in _SECTIONS[:10]
     )
 
     if data_dir is not None:
@@ -245,6 +520,7 @@ def load_settings(
     key = _path(base, tls.string("key"))
     if (certificate is None) != (key is None):
         raise ConfigError("[tls] certificate and key must be given together")
+    client_ca = _path(base, tls.string("client_ca"))
 
     networks = auth.strings("trusted_networks", Settings.trusted_networks)
     for network in networks:
@@ -262,6 +538,7 @@ def load_settings(
         )
 
     store = _store_settings(maildrop, base, root)
+    passwd_file = _path(base, auth.string("passwd_file")) or root / "passwd"
 
     settings = Settings(
         config_file=config_path,
@@ -274,7 +551,10 @@ def load_settings(
         tls_key=key or root / "tls" / "key.pem",
         tls_min_version=tls.choice("min_version", TLS_VERSIONS, "TLSv1.2"),
         generated_tls=certificate is None,
-        passwd_file=_path(base, auth.string("passwd_file")) or root / "passwd",
+        tls_client_ca=client_ca,
+        passwd_file=passwd_file,
+        **_sasl_settings(auth, client_ca),
+        **_checker_settings(auth, base, root, store, passwd_file),
         plaintext=auth.choice("plaintext", PLAINTEXT_POLICIES, "tls-only"),
         trusted_networks=networks,
         apop=auth.boolean("apop", False),
@@ -283,6 +563,8 @@ def load_settings(
         transaction_timeout=limits.number("transaction_timeout", 600.0, minimum=1),
         max_bad_commands=limits.integer("max_bad_commands", 20, minimum=1),
         max_auth_failures=limits.integer("max_auth_failures", 3, minimum=1),
+        **_delivery_settings(lmtp, smtp, delivery),
+        **_operations_settings(sections, base),
     )
     for section in sections.values():
         section.check_unknown()

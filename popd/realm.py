@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.cred.portal import IRealm
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from zope.interface import implementer
 
 from popd.interfaces import IMaildrop, IMaildropProvider
@@ -31,10 +31,13 @@ class LoginRequest:
     @ivar folder: the folder to open, C{None} for INBOX.
     @ivar list_folders: set by the realm: returns a L{Deferred} firing with
         the user's folder names.
+    @ivar expire: set by the realm: the user's own retention policy (days
+        after first retrieval, or C{"NEVER"}), or C{None} for the server's.
     """
 
     folder: str | None = None
     list_folders: Callable[[], Deferred] | None = None
+    expire: str | None = None
 
 
 @implementer(IRealm)
@@ -43,8 +46,18 @@ class MaildropRealm:
     Opens the avatar's maildrop through an L{IMaildropProvider}.
     """
 
-    def __init__(self, provider: IMaildropProvider) -> None:
+    def __init__(
+        self,
+        provider: IMaildropProvider,
+        user_expire: Callable[[str], str | None] | None = None,
+    ) -> None:
+        """
+        @param user_expire: looks up a user's own retention policy (for
+            example the passwd-file's C{expire=} extra field): C{None} when
+            the user has none, or a L{Deferred} firing with it.
+        """
         self.provider = provider
+        self.user_expire = user_expire
 
     def requestAvatar(self, avatarId, mind, *interfaces) -> Deferred:
         if IMaildrop not in interfaces:
@@ -56,6 +69,9 @@ class MaildropRealm:
         if isinstance(mind, LoginRequest):
             folder = mind.folder
             mind.list_folders = lambda: self.provider.folders(avatar_id)
-        return self.provider.open(avatar_id, folder).addCallback(
-            lambda maildrop: (IMaildrop, maildrop, _nothing)
-        )
+        looked_up = succeed(None)
+        if isinstance(mind, LoginRequest) and self.user_expire is not None:
+            looked_up = maybeDeferred(self.user_expire, avatar_id)
+            looked_up.addCallback(lambda expire: setattr(mind, "expire", expire))
+        looked_up.addCallback(lambda _ignored: self.provider.open(avatar_id, folder))
+        return looked_up.addCallback(lambda maildrop: (IMaildrop, maildrop, _nothing))

@@ -150,3 +150,43 @@ def test_deliver_to_unknown_user_is_ex_nouser(tmp_path):
     assert result.returncode == EX_NOUSER
     assert b"no user ghost" in result.stderr
     assert b"Traceback" not in result.stderr
+
+
+def test_db_upgrade_and_status_on_sqlite(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "popd.toml"
+    config.write_text('[maildrop]\ntype = "sql"\ndsn = "sqlite:mail.db"\n')
+    assert run(monkeypatch, ["--config", str(config), "db", "status"]) == 1
+    assert "schema version 0 of" in capsys.readouterr().out
+    assert run(monkeypatch, ["--config", str(config), "db", "upgrade"]) == 0
+    assert "applied migration" in capsys.readouterr().out
+    assert run(monkeypatch, ["--config", str(config), "db", "upgrade"]) == 0
+    assert "applied migration" not in capsys.readouterr().out
+    assert run(monkeypatch, ["--config", str(config), "db", "status"]) == 0
+
+
+def test_db_needs_the_sql_store(tmp_path, monkeypatch, capsys):
+    assert run(monkeypatch, ["--data-dir", str(tmp_path), "db", "status"]) == EX_CONFIG
+    assert "only the SQL store has a schema" in capsys.readouterr().err
+
+
+def test_check_config_reports_the_store(tmp_path, monkeypatch, capsys):
+    (tmp_path / "passwd").write_text("")
+    config = tmp_path / "popd.toml"
+    config.write_text(
+        f'[server]\ndata_dir = "{tmp_path}"\n'
+        '[maildrop]\ntype = "sql"\ndsn = "sqlite:m.db"\n'
+    )
+    assert run(monkeypatch, ["check-config", str(config)]) == EX_CONFIG
+    assert "run `popd db upgrade`" in capsys.readouterr().err
+    assert run(monkeypatch, ["--config", str(config), "db", "upgrade"]) == 0
+    assert run(monkeypatch, ["check-config", str(config)]) == 0
+    assert "SQL store at schema version" in capsys.readouterr().out
+
+
+def test_check_config_names_an_unknown_checker(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "popd.toml"
+    config.write_text(
+        f'[server]\ndata_dir = "{tmp_path}"\n[auth]\ncheckers = ["ldap:x"]\n'
+    )
+    assert run(monkeypatch, ["check-config", str(config)]) == EX_CONFIG
+    assert "no checker plug-in named 'ldap'" in capsys.readouterr().err

@@ -91,7 +91,7 @@ def make_factory(provider, tls=True, **policy) -> POP3Factory:
     portal = Portal(MaildropRealm(provider), [checker])
     factory = POP3Factory(
         portal,
-        SessionPolicy(hostname="pop.example", **policy),
+        SessionPolicy(hostname="pop.example", **{"failure_delay": 0, **policy}),
         tls_options=object() if tls else None,
         reactor=Clock(),
     )
@@ -147,13 +147,14 @@ def test_capa_before_login_over_plain_untrusted(provider):
     ):
         assert expected in caps
     assert b"USER" not in caps
-    assert not any(cap.startswith(b"SASL") for cap in caps)
+    # No plaintext mechanism: only CRAM-MD5 (the checker knows plaintexts).
+    assert b"SASL CRAM-MD5" in caps
 
 
 def test_capa_offers_user_to_trusted_clients(provider):
     session = Session(make_factory(provider), peer=LOOPBACK)
     caps = capabilities(session.send(b"CAPA\r\n"))
-    assert b"USER" in caps and b"SASL PLAIN" in caps
+    assert b"USER" in caps and b"SASL CRAM-MD5 PLAIN LOGIN" in caps
 
 
 def test_capa_without_tls_configured_has_no_stls(provider):
@@ -165,7 +166,8 @@ def test_capa_after_stls_drops_stls_and_offers_user(provider):
     session = Session(make_factory(provider))
     assert session.send(b"STLS\r\n") == b"+OK Begin TLS negotiation now.\r\n"
     caps = capabilities(session.send(b"CAPA\r\n"))
-    assert b"STLS" not in caps and b"USER" in caps and b"SASL PLAIN" in caps
+    assert b"STLS" not in caps and b"USER" in caps
+    assert b"SASL CRAM-MD5 PLAIN LOGIN" in caps
 
 
 def test_capa_in_transaction_announces_authorization_capabilities(factory):
@@ -332,7 +334,9 @@ def plain(authzid: bytes, user: bytes, password: bytes) -> bytes:
 
 def test_auth_lists_mechanisms(factory):
     session = Session(factory)
-    assert session.send(b"AUTH\r\n") == b"+OK Methods supported:\r\nPLAIN\r\n.\r\n"
+    assert session.send(b"AUTH\r\n") == (
+        b"+OK Methods supported:\r\nCRAM-MD5\r\nPLAIN\r\nLOGIN\r\n.\r\n"
+    )
 
 
 def test_auth_plain_initial_response(factory):
@@ -754,3 +758,26 @@ def test_expire_never_keeps_everything(provider):
     factory = make_factory(provider, plaintext="always", expire="NEVER")
     logged_in(factory).send(b"RETR 1\r\nQUIT\r\n")
     assert provider.contents("alice") == MESSAGES
+
+
+def test_per_user_expire_from_the_realm(provider):
+    checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret", bob=b"hunter2")
+    policies = {"alice": "0"}
+    realm = MaildropRealm(provider, user_expire=lambda user: policies.get(user))
+    factory = POP3Factory(
+        Portal(realm, [checker]),
+        SessionPolicy(
+            plaintext="always", failure_delay=0, expire="30", per_user_expire=True
+        ),
+        reactor=Clock(),
+    )
+    assert b"EXPIRE 30 USER" in capabilities(Session(factory).send(b"CAPA\r\n"))
+    session = logged_in(factory)
+    assert b"EXPIRE 0" in capabilities(session.send(b"CAPA\r\n"))
+    session.send(b"RETR 1\r\nQUIT\r\n")
+    assert provider.contents("alice") == MESSAGES[1:]
+    provider.deliver("bob", b"kept\n")
+    bob = logged_in(factory, b"bob", b"hunter2")
+    assert b"EXPIRE 30" in capabilities(bob.send(b"CAPA\r\n"))
+    bob.send(b"RETR 1\r\nQUIT\r\n")
+    assert provider.contents("bob") == [b"kept\n"]
