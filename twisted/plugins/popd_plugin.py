@@ -28,4 +28,9 @@ try:
         sql_checker_factory,
     )
 except Exception:  # plug-in discovery must never break, whatever popd's state
-    pass
+    # A plug-in cache written while popd worked still names these: None is
+    # skipped quietly by discovery, a missing name would be logged as an error.
+    checkpassword_checker_factory = None
+    pam_checker_factory = None
+    passwd_file_checker_factory = None
+    sql_checker_factory = None
