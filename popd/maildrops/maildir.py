@@ -70,14 +70,12 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from popd.interfaces import (
     IMaildrop,
     IMaildropProvider,
     MaildropError,
-    MaildropUnavailable,
     MessageInfo,
     NoSuchFolder,
     NoSuchUser,
@@ -89,6 +87,7 @@ from popd.maildrops.paths import (
     expand_path,
     validate_folder_name,
 )
+from popd.maildrops.threads import BlockingRunner
 from popd.stream import WireSizeCounter, file_wire_size
 
 #: How much of a message is read or copied at a time.
@@ -190,8 +189,7 @@ class MaildirProvider:
         self._template = path_template
         self._create = create
         self._dovecot = _DovecotUidl(dovecot_uidl_format) if dovecot_uidl else None
-        self._reactor = reactor
-        self._threadpool = threadpool
+        self._runner = BlockingRunner(reactor, threadpool)
 
     def open(self, avatar_id: str, folder: str | None = None) -> Deferred:
         """
@@ -231,18 +229,9 @@ class MaildirProvider:
 
     def _run(self, function: Callable[..., Any], *args: Any) -> Deferred:
         """
-        Run blocking C{function} in the thread pool, turning C{OSError} into
-        L{MaildropUnavailable}.
+        Run blocking C{function} in the thread pool (see L{BlockingRunner}).
         """
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
-        if self._threadpool is None:
-            self._threadpool = self._reactor.getThreadPool()
-        return deferToThreadPool(
-            self._reactor, self._threadpool, _translating_os_errors, function, *args
-        )
+        return self._runner.run(function, *args)
 
     def _open_blocking(self, avatar_id: str, folder: str | None) -> MaildirMaildrop:
         root = self._prepared_maildir(avatar_id, folder, for_delivery=False)
@@ -411,18 +400,6 @@ class MaildirMaildrop:
                 _prune_uid_map(self.root)
         finally:
             self._lock.release()
-
-
-def _translating_os_errors(function: Callable[..., Any], *args: Any) -> Any:
-    """
-    Call C{function}, reporting any C{OSError} as a temporary failure: a
-    full disk, a permission or an I/O error may well be gone next time.
-    """
-    try:
-        return function(*args)
-    except OSError as e:
-        where = f": {e.filename}" if e.filename else ""
-        raise MaildropUnavailable(f"{e.strerror or e}{where}") from e
 
 
 def _is_root(folder: str | None) -> bool:

@@ -128,14 +128,12 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from popd.interfaces import (
     IMaildrop,
     IMaildropProvider,
     MaildropError,
-    MaildropUnavailable,
     MessageInfo,
     NoSuchFolder,
     NoSuchUser,
@@ -167,6 +165,7 @@ from popd.maildrops.paths import (
     expand_path,
     validate_folder_name,
 )
+from popd.maildrops.threads import BlockingRunner
 
 LOCK_SUFFIX = ".popd-lock"
 RETRIEVED_SUFFIX = ".popd-retrieved"
@@ -224,8 +223,7 @@ class MboxProvider:
         self.variant = check_variant(variant)
         self._stale_seconds = stale_lock_seconds
         self._lock_timeout = lock_timeout
-        self._reactor = reactor
-        self._threadpool = threadpool
+        self._runner = BlockingRunner(reactor, threadpool)
 
     def open(self, avatar_id: str, folder: str | None = None) -> Deferred:
         """
@@ -297,17 +295,10 @@ class MboxProvider:
 
     def _run(self, function: Callable[..., Any], *args: Any) -> Deferred:
         """
-        Run blocking C{function} in the thread pool.
+        Run blocking C{function} in the thread pool, a file that is not an
+        mbox reported as L{MaildropError} (see L{BlockingRunner}).
         """
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
-        if self._threadpool is None:
-            self._threadpool = self._reactor.getThreadPool()
-        return deferToThreadPool(
-            self._reactor, self._threadpool, _translating_errors, function, *args
-        )
+        return self._runner.run(_mbox_errors, function, *args)
 
     @contextlib.contextmanager
     def _locked(self, path: str, *, create: bool = False) -> Iterator[LockedMailbox]:
@@ -950,15 +941,12 @@ def _is_folder_name(name: str) -> bool:
     return True
 
 
-def _translating_errors(function: Callable[..., Any], *args: Any) -> Any:
+def _mbox_errors(function: Callable[..., Any], *args: Any) -> Any:
     """
     Call C{function}, reporting a file that is not an mbox as
-    L{MaildropError} and any C{OSError} as a temporary failure.
+    L{MaildropError}.
     """
     try:
         return function(*args)
     except MboxFormatError as e:
         raise MaildropError(str(e)) from e
-    except OSError as e:
-        where = f": {e.filename}" if e.filename else ""
-        raise MaildropUnavailable(f"{e.strerror or e}{where}") from e
