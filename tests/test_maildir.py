@@ -20,8 +20,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from popd.interfaces import (
@@ -46,43 +44,10 @@ from popd.maildrops.maildir import (
     uid_for,
 )
 from popd.stream import file_wire_size
+from popd.testing.immediate import ImmediateReactor, ImmediateThreadPool
+from popd.testing.immediate import fired_result as result
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class ImmediateThreadPool:
-    """
-    Runs "threaded" work at once, in the calling thread.
-    """
-
-    def callInThreadWithCallback(self, onResult, function, *args, **kwargs):
-        try:
-            result = function(*args, **kwargs)
-        except BaseException:
-            onResult(False, Failure())
-        else:
-            onResult(True, result)
-
-
-class ImmediateReactor:
-    """
-    Delivers results from the "thread" at once.
-    """
-
-    def callFromThread(self, function, *args, **kwargs):
-        function(*args, **kwargs)
-
-
-def result(d: Deferred):
-    """
-    The result of an already fired L{Deferred}; raise its failure.
-    """
-    outcome = []
-    d.addBoth(outcome.append)
-    assert outcome, "the Deferred has not fired"
-    if isinstance(outcome[0], Failure):
-        outcome[0].raiseException()
-    return outcome[0]
 
 
 def crlf_reference(data: bytes) -> int:

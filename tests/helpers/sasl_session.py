@@ -14,44 +14,15 @@ from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 
 from popd.auth.passwdfile import PasswdFile, PasswdFileChecker
 from popd.protocol import POP3Factory, SessionPolicy
 from popd.realm import MaildropRealm
 from popd.testing import MemoryMaildropProvider
+from popd.testing.immediate import ImmediateReactor, ImmediateThreadPool
 
 UNTRUSTED = IPv4Address("TCP", "192.0.2.7", 40000)
 LOOPBACK = IPv4Address("TCP", "127.0.0.1", 40000)
-
-
-class ImmediateThreadPool:
-    """
-    Runs "threaded" work at once, on the calling thread.
-    """
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        self.calls += 1
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-
-class ImmediateReactor:
-    def __init__(self, threadpool) -> None:
-        self.threadpool = threadpool
-
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
-
-    def getThreadPool(self):
-        return self.threadpool
 
 
 def passwd_checker(path: Path, text: str) -> PasswdFileChecker:
