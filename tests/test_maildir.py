@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from popd.interfaces import (
     NoSuchFolder,
     NoSuchUser,
 )
-from popd.maildrops import maildir
+from popd.maildrops import maildir, snapshot_cache
 from popd.maildrops.maildir import (
     CHUNK_SIZE,
     DOVECOT_UIDLIST_FILE,
@@ -43,6 +44,7 @@ from popd.maildrops.maildir import (
     parse_dovecot_uidlist,
     uid_for,
 )
+from popd.maildrops.snapshot_cache import SETTLE_SECONDS, file_stamp
 from popd.stream import file_wire_size
 from popd.testing.immediate import ImmediateReactor, ImmediateThreadPool
 from popd.testing.immediate import fired_result as result
@@ -847,11 +849,20 @@ def test_retrieved_follows_moves_and_drops_vanished(
     first, second = sorted(os.listdir(box / "new"))
     (box / "new" / first).unlink()
     os.rename(box / "new" / second, box / "cur" / (second + ":2,S"))
+    third = result(provider.deliver("bob", b"three\n"))
     drop = result(provider.open("bob"))
     assert drop.messages[0].uid == kept and drop.messages[0].retrieved_at
     result(drop.commit([]))
     lines = (box / RETRIEVED_FILE).read_bytes().splitlines()
-    assert [line.split()[0] for line in lines[1:]] == [second.encode()]
+    assert len(lines) == 3, "a commit that records nothing new rewrites nothing"
+    drop = result(provider.open("bob"))
+    assert drop.messages[1].uid == third
+    result(drop.commit([], [1]))
+    lines = (box / RETRIEVED_FILE).read_bytes().splitlines()
+    assert [line.split()[0] for line in lines[1:]] == [
+        second.encode(),
+        third.encode(),
+    ]
 
 
 def test_release_records_nothing(provider: MaildirProvider, box: Path) -> None:
@@ -1079,3 +1090,531 @@ def test_given_uid_refused_when_dovecot_has_it(
         result(provider.deliver("bob", b"m\n", uid=f"{25017:08X}{1275660208:08X}"))
     with pytest.raises(ValueError):
         result(provider.deliver("bob", b"m\n", uid="4242-migrated"))
+
+
+# The snapshot cache (popd.maildrops.snapshot_cache)
+
+
+def look_from_the_future(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Make every snapshot count as taken long after the Maildir last changed,
+    as if the files had settled: C{maildir.time.time} runs ahead by more
+    than L{SETTLE_SECONDS}.
+    """
+    real_time = time.time
+    monkeypatch.setattr(maildir.time, "time", lambda: real_time() + SETTLE_SECONDS + 1)
+
+
+def tick() -> None:
+    """
+    Let the filesystem's coarse clock move on, so that the next change gets
+    a modification time of its own, as it would in real time.
+    """
+    time.sleep(0.02)
+
+
+def count_scans(monkeypatch: pytest.MonkeyPatch, box: Path) -> list[str]:
+    """
+    Record every listing of C{new/} or C{cur/}.
+    """
+    scanned = []
+    real_scandir = os.scandir
+    message_dirs = {str(box / "new"): "new", str(box / "cur"): "cur"}
+
+    def counting_scandir(path="."):
+        name = message_dirs.get(os.fspath(path))
+        if name is not None:
+            scanned.append(name)
+        return real_scandir(path)
+
+    monkeypatch.setattr(maildir.os, "scandir", counting_scandir)
+    return scanned
+
+
+def count_table_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """
+    Record every read of one of popd's files (C{popd-uids},
+    C{popd-retrieved}, C{popd-sizes}).
+    """
+    loaded = []
+    real_load = maildir._load_table
+
+    def recording_load(path, header):
+        loaded.append(os.path.basename(path))
+        return real_load(path, header)
+
+    monkeypatch.setattr(maildir, "_load_table", recording_load)
+    return loaded
+
+
+def uids_and_sizes(drop) -> list[tuple[str, int]]:
+    return [(m.uid, m.size) for m in drop.messages]
+
+
+def test_unchanged_settled_maildir_not_scanned_again(
+    box: Path, provider: MaildirProvider, monkeypatch
+) -> None:
+    put(box, "1.a", b"one\n")
+    put(box, "2.b:2,S", b"two\r\n\n")
+    delivered = result(provider.deliver("bob", b"three\n"))
+    look_from_the_future(monkeypatch)
+    first = result(provider.open("bob"))
+    first.release()
+    scans = count_scans(monkeypatch, box)
+    opened = count_message_opens(monkeypatch, box)
+    loaded = count_table_loads(monkeypatch)
+    second = result(provider.open("bob"))
+    assert scans == [] and opened == [] and loaded == []
+    assert second.messages == first.messages
+    assert uids_and_sizes(second) == [("1.a", 5), ("2.b", 7), (delivered, 7)]
+    assert read_all(second, 1) == b"two\r\n\n"
+    second.release()
+
+
+def test_counting_scans_sees_a_scan(
+    box: Path, provider: MaildirProvider, monkeypatch
+) -> None:
+    """
+    The control for the tests that count no scan.
+    """
+    scans = count_scans(monkeypatch, box)
+    result(provider.open("bob")).release()
+    assert sorted(scans) == ["cur", "new"]
+
+
+def test_recent_changes_scanned_again(
+    box: Path, provider: MaildirProvider, monkeypatch
+) -> None:
+    # However slow the run, the messages put here count as just delivered.
+    monkeypatch.setattr(snapshot_cache, "SETTLE_SECONDS", 3600.0)
+    put(box, "1.a", b"one\n")
+    first = result(provider.open("bob"))
+    first.release()
+    scans = count_scans(monkeypatch, box)
+    second = result(provider.open("bob"))
+    assert sorted(scans) == ["cur", "new"]
+    assert second.messages == first.messages
+    second.release()
+
+
+def test_unsettled_table_read_again(
+    box: Path, provider: MaildirProvider, monkeypatch
+) -> None:
+    """
+    A settled listing is reused while a table that changed too recently
+    (here C{dovecot-uidlist}, dated at the moment the snapshot is taken) is
+    read again.
+    """
+    put(box, "1.a", b"one\n")
+    look_from_the_future(monkeypatch)
+    uidlist = box / DOVECOT_UIDLIST_FILE
+    uidlist.write_bytes(b"3 V1 N2\n1 Pfirst :1.a\n")
+    now = time.time()
+    os.utime(uidlist, (now, now))
+    first = result(provider.open("bob"))
+    first.release()
+    assert [m.uid for m in first.messages] == ["first"]
+    scans = count_scans(monkeypatch, box)
+    loaded = count_table_loads(monkeypatch)
+    second = result(provider.open("bob"))
+    assert scans == [], "the listing had settled"
+    assert UID_MAP_FILE in loaded
+    assert [m.uid for m in second.messages] == ["first"]
+    second.release()
+
+
+@pytest.mark.parametrize(
+    ("table", "content"),
+    [
+        (DOVECOT_UIDLIST_FILE, b"3 V1 N2\n1 Pfirst :1.a\n"),
+        (UID_MAP_FILE, b"popd-uids 1\n1.a first\n"),
+    ],
+)
+def test_changed_table_read_without_a_scan(
+    box: Path, provider: MaildirProvider, monkeypatch, table: str, content: bytes
+) -> None:
+    """
+    When only a table changed (Dovecot numbered the messages, a UID was
+    given), the listing is reused and the UIDs read again.
+    """
+    put(box, "1.a", b"one\n")
+    look_from_the_future(monkeypatch)
+    drop = result(provider.open("bob"))
+    drop.release()
+    assert uids_and_sizes(drop) == [("1.a", 5)]
+    (box / table).write_bytes(content)
+    scans = count_scans(monkeypatch, box)
+    drop = result(provider.open("bob"))
+    assert scans == []
+    assert uids_and_sizes(drop) == [("first", 5)]
+    drop.release()
+
+
+def test_delivery_after_cached_snapshot_seen(
+    box: Path, provider: MaildirProvider, monkeypatch
+) -> None:
+    first = result(provider.deliver("bob", b"one\n"))
+    look_from_the_future(monkeypatch)
+    result(provider.open("bob")).release()
+    tick()
+    second = result(provider.deliver("bob", b"two\n"))
+    drop = result(provider.open("bob"))
+    assert [m.uid for m in drop.messages] == [first, second]
+    drop.release()
+    tick()
+    put(box, "9999999999.other", b"by another agent\n", sub="new")
+    drop = result(provider.open("bob"))
+    assert uids_and_sizes(drop)[2] == ("9999999999.other", 18)
+    drop.release()
+
+
+def test_removal_by_another_program_seen(
+    box: Path, provider: MaildirProvider, monkeypatch
+) -> None:
+    put(box, "1.a", b"one\n")
+    put(box, "2.b", b"two\n", sub="new")
+    put(box, "3.c:2,S", b"three\n")
+    look_from_the_future(monkeypatch)
+    result(provider.open("bob")).release()
+    tick()
+    (box / "new" / "2.b").unlink()
+    drop = result(provider.open("bob"))
+    assert [m.uid for m in drop.messages] == ["1.a", "3.c"]
+    drop.release()
+    tick()
+    (box / "cur" / "3.c:2,S").unlink()
+    drop = result(provider.open("bob"))
+    assert [m.uid for m in drop.messages] == ["1.a"]
+    drop.release()
+
+
+def test_move_to_cur_by_another_program_keeps_the_uid(
+    box: Path, provider: MaildirProvider, monkeypatch
+) -> None:
+    uid = result(provider.deliver("bob", b"moving\n"))
+    look_from_the_future(monkeypatch)
+    first = result(provider.open("bob"))
+    first.release()
+    tick()
+    [name] = os.listdir(box / "new")
+    os.rename(box / "new" / name, box / "cur" / (name + ":2,S"))
+    scans = count_scans(monkeypatch, box)
+    drop = result(provider.open("bob"))
+    assert sorted(scans) == ["cur", "new"]
+    assert drop.messages == first.messages
+    assert drop.messages[0].uid == uid
+    assert read_all(drop, 0) == b"moving\n"
+    drop.release()
+    # And a flag change within cur/.
+    tick()
+    os.rename(box / "cur" / (name + ":2,S"), box / "cur" / (name + ":2,RS"))
+    drop = result(provider.open("bob"))
+    assert drop.messages == first.messages
+    assert read_all(drop, 0) == b"moving\n"
+    drop.release()
+
+
+def test_recorded_retrievals_seen_without_a_scan(
+    box: Path, provider: MaildirProvider, monkeypatch
+) -> None:
+    first = result(provider.deliver("bob", b"one\n"))
+    second = result(provider.deliver("bob", b"two\n"))
+    look_from_the_future(monkeypatch)
+    drop = result(provider.open("bob"))
+    assert [m.retrieved_at for m in drop.messages] == [None, None]
+    result(drop.commit([], [1]))
+    recorded = float(int(time.time()))
+    scans = count_scans(monkeypatch, box)
+    loaded = count_table_loads(monkeypatch)
+    drop = result(provider.open("bob"))
+    assert scans == []
+    assert RETRIEVED_FILE in loaded
+    assert [(m.uid, m.retrieved_at) for m in drop.messages] == [
+        (first, None),
+        (second, pytest.approx(recorded, abs=1)),
+    ]
+    drop.release()
+    # Settled now: reused whole, still with the time.
+    loaded.clear()
+    again = result(provider.open("bob"))
+    assert scans == [] and loaded == []
+    assert again.messages == drop.messages
+    again.release()
+
+
+def test_no_cache_scans_every_time(tmp_path: Path, monkeypatch) -> None:
+    provider = make_provider(tmp_path, cache_messages=0)
+    result(provider.deliver("bob", b"one\n"))
+    box = tmp_path / "bob" / "Maildir"
+    look_from_the_future(monkeypatch)
+    scans = count_scans(monkeypatch, box)
+    for _ in range(3):
+        result(provider.open("bob")).release()
+    assert sorted(scans) == ["cur"] * 3 + ["new"] * 3
+
+
+@pytest.mark.parametrize(("capacity", "scans_expected"), [(3, 2), (4, 1)])
+def test_maildir_bigger_than_the_cache_not_kept(
+    tmp_path: Path, monkeypatch, capacity: int, scans_expected: int
+) -> None:
+    """
+    A snapshot weighs its messages plus one: three messages need room for
+    four.
+    """
+    provider = make_provider(tmp_path, cache_messages=capacity)
+    for i in range(3):
+        result(provider.deliver("bob", b"m%d\n" % i))
+    box = tmp_path / "bob" / "Maildir"
+    look_from_the_future(monkeypatch)
+    scans = count_scans(monkeypatch, box)
+    result(provider.open("bob")).release()
+    result(provider.open("bob")).release()
+    assert scans.count("new") == scans_expected
+
+
+def test_cache_keeps_maildirs_apart(tmp_path: Path, monkeypatch) -> None:
+    provider = make_provider(tmp_path)
+    bob = result(provider.deliver("bob", b"bob's\n"))
+    alice = result(provider.deliver("alice", b"alice's\n"))
+    sent = result(provider.deliver("bob", b"sent\n", folder="Sent"))
+    look_from_the_future(monkeypatch)
+    for _ in range(2):
+        drops = [
+            result(provider.open("bob")),
+            result(provider.open("alice")),
+            result(provider.open("bob", folder="Sent")),
+        ]
+        assert [[m.uid for m in drop.messages] for drop in drops] == [
+            [bob],
+            [alice],
+            [sent],
+        ]
+        for drop in drops:
+            drop.release()
+
+
+def test_computed_size_not_read_again_on_rescan(
+    tmp_path: Path, box: Path, provider: MaildirProvider, monkeypatch
+) -> None:
+    """
+    Sizes a snapshot had to read are remembered in memory: a rescan after a
+    delivery reads none again, even without C{popd-sizes}.
+    """
+    put(box, "1.a", b"one\ntwo\n")
+    first = result(provider.open("bob"))
+    first.release()
+    (box / SIZE_CACHE_FILE).unlink()
+    tick()
+    later = result(provider.deliver("bob", b"later\n"))
+    scans = count_scans(monkeypatch, box)
+    opened = count_message_opens(monkeypatch, box)
+    drop = result(provider.open("bob"))
+    assert sorted(scans) == ["cur", "new"]
+    assert opened == []
+    assert uids_and_sizes(drop) == [("1.a", 10), (later, 7)]
+    drop.release()
+    # The control: without the cache in memory, the message is read.
+    uncached = make_provider(tmp_path, cache_messages=0)
+    drop = result(uncached.open("bob"))
+    assert opened == [str(box / "cur" / "1.a")]
+    assert uids_and_sizes(drop) == [("1.a", 10), (later, 7)]
+    drop.release()
+
+
+def test_own_deletion_seen_by_the_next_open(
+    box: Path, provider: MaildirProvider, monkeypatch
+) -> None:
+    result(provider.deliver("bob", b"one\n"))
+    kept = result(provider.deliver("bob", b"two\n"))
+    put(box, "9999999999.c:2,S", b"three\n")
+    look_from_the_future(monkeypatch)
+    drop = result(provider.open("bob"))
+    tick()
+    result(drop.commit([0, 2]))
+    drop = result(provider.open("bob"))
+    assert [m.uid for m in drop.messages] == [kept]
+    drop.release()
+
+
+def pooled_provider(tmp_path: Path) -> tuple[MaildirProvider, ImmediateThreadPool]:
+    pool = ImmediateThreadPool()
+    provider = MaildirProvider(
+        str(tmp_path / "%u" / "Maildir"),
+        reactor=ImmediateReactor(),
+        threadpool=pool,
+    )
+    return provider, pool
+
+
+def test_read_runs_on_the_calling_thread(tmp_path: Path) -> None:
+    provider, pool = pooled_provider(tmp_path)
+    result(provider.deliver("bob", b"one\n"))
+    result(provider.deliver("bob", b"two\n"))
+    drop = result(provider.open("bob"))
+    before = pool.calls
+    assert read_all(drop, 0) == b"one\n"
+    assert read_all(drop, 1) == b"two\n"
+    assert pool.calls == before
+    result(drop.commit([0]))
+    assert pool.calls == before + 1, "a commit that deletes runs in the pool"
+    assert len(result(provider.open("bob")).messages) == 1
+
+
+def test_read_of_a_moved_message_looks_in_the_pool(tmp_path: Path) -> None:
+    provider, pool = pooled_provider(tmp_path)
+    result(provider.deliver("bob", b"moving\n"))
+    drop = result(provider.open("bob"))
+    box = tmp_path / "bob" / "Maildir"
+    [name] = os.listdir(box / "new")
+    os.rename(box / "new" / name, box / "cur" / (name + ":2,S"))
+    before = pool.calls
+    assert read_all(drop, 0) == b"moving\n"
+    assert pool.calls == before + 1
+    # The new place is remembered.
+    assert read_all(drop, 0) == b"moving\n"
+    assert pool.calls == before + 1
+    drop.release()
+
+
+def test_commits_that_write_nothing_stay_off_the_pool(tmp_path: Path) -> None:
+    provider, pool = pooled_provider(tmp_path)
+    result(provider.deliver("bob", b"one\n"))
+    drop = result(provider.open("bob"))
+    before = pool.calls
+    result(drop.commit([]))
+    assert pool.calls == before
+    drop = result(provider.open("bob"))
+    before = pool.calls
+    result(drop.commit([], [0]))
+    assert pool.calls == before + 1, "recording a first retrieval writes"
+    drop = result(provider.open("bob"))
+    before = pool.calls
+    result(drop.commit([], [0]))
+    assert pool.calls == before, "already recorded"
+    drop = result(provider.open("bob"))
+    before = pool.calls
+    result(drop.release())
+    assert pool.calls == before
+    # Each of these released the lock.
+    result(provider.open("bob")).release()
+
+
+def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return synced
+
+
+def test_commit_with_nothing_new_syncs_and_writes_nothing(
+    provider: MaildirProvider, box: Path, monkeypatch
+) -> None:
+    result(provider.deliver("bob", b"one\n"))
+    drop = result(provider.open("bob"))
+    result(drop.commit([], [0]))
+    retrieved = box / RETRIEVED_FILE
+    stamp = file_stamp(str(retrieved))
+    content = retrieved.read_bytes()
+    tick()
+    drop = result(provider.open("bob"))
+    assert drop.messages[0].retrieved_at is not None
+    synced = record_fsyncs(monkeypatch)
+    result(drop.commit([], [0]))
+    assert synced == []
+    assert file_stamp(str(retrieved)) == stamp
+    assert retrieved.read_bytes() == content
+    result(provider.open("bob")).release()
+
+
+def test_commit_recording_retrievals_syncs_no_message_directory(
+    provider: MaildirProvider, box: Path, monkeypatch
+) -> None:
+    result(provider.deliver("bob", b"one\n"))
+    drop = result(provider.open("bob"))
+    synced = record_fsyncs(monkeypatch)
+    result(drop.commit([], [0]))
+    assert str(box / "new") not in synced
+    assert str(box / "cur") not in synced
+    # popd-retrieved itself is made durable, and its rename.
+    assert synced == [str(box / (RETRIEVED_FILE + ".tmp")), str(box)]
+    assert (box / RETRIEVED_FILE).exists()
+
+
+@pytest.mark.parametrize("threshold", [10, 10**9])
+def test_many_unsized_messages_measured_in_order(
+    box: Path, provider: MaildirProvider, monkeypatch, threshold: int
+) -> None:
+    monkeypatch.setattr(maildir, "_PARALLEL_SIZES_FROM", threshold)
+    pools = []
+    real_executor = maildir.ThreadPoolExecutor
+
+    def recording_executor(*args, **kwargs):
+        pools.append(args)
+        return real_executor(*args, **kwargs)
+
+    monkeypatch.setattr(maildir, "ThreadPoolExecutor", recording_executor)
+    bodies = []
+    for i in range(50):
+        body = b"Subject: %d\n\n" % i + b"line\n" * (i * 37 % 50) + b"x" * i
+        bodies.append(body)
+        # Names out of order in the directory listing, but not in time.
+        put(box, f"{1000 + i}.M{i}P1.host", body, sub="cur" if i % 3 else "new")
+    drop = result(provider.open("bob"))
+    assert uids_and_sizes(drop) == [
+        (f"{1000 + i}.M{i}P1.host", crlf_reference(body))
+        for i, body in enumerate(bodies)
+    ]
+    assert len(pools) == (1 if threshold == 10 else 0)
+    for i in (0, 17, 49):
+        assert read_all(drop, i) == bodies[i]
+    drop.release()
+
+
+def test_open_of_an_unchanged_maildir_stays_off_the_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider, pool = pooled_provider(tmp_path)
+    result(provider.deliver("bob", b"one\n"))
+    look_from_the_future(monkeypatch)
+    result(provider.open("bob")).release()
+    before = pool.calls
+    drop = result(provider.open("bob"))
+    assert pool.calls == before, "the snapshot in memory is good"
+    assert len(drop.messages) == 1
+    with pytest.raises(MaildropInUse):
+        result(provider.open("bob"))
+    drop.release()
+    tick()
+    result(provider.deliver("bob", b"two\n"))
+    before = pool.calls
+    drop = result(provider.open("bob"))
+    assert pool.calls == before + 1, "a changed Maildir is scanned in the pool"
+    assert len(drop.messages) == 2
+    with pytest.raises(MaildropInUse):
+        result(provider.open("bob"))
+    drop.release()
+
+
+def test_lock_released_when_a_scan_handed_to_the_pool_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider, _ = pooled_provider(tmp_path)
+    result(provider.deliver("bob", b"one\n"))
+    look_from_the_future(monkeypatch)
+    result(provider.open("bob")).release()
+    tick()
+    result(provider.deliver("bob", b"two\n"))
+
+    def failing_snapshot(*args):
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(maildir, "_snapshot", failing_snapshot)
+    with pytest.raises(MaildropUnavailable):
+        result(provider.open("bob"))
+    monkeypatch.undo()
+    result(provider.open("bob")).release()

@@ -4,7 +4,11 @@ The Maildir store: one directory per user with C{tmp/}, C{new/} and C{cur/}
 subdirectories, and Dovecot's C{,W=} size field and C{dovecot-uidlist}
 understood.
 
-Every filesystem call runs in a thread pool, never on the reactor thread.
+Scans and writes run in a thread pool, never on the reactor thread; what
+costs a few system calls whatever the size of the Maildir (opening one
+message, releasing the lock) runs where it is called.  A snapshot of an
+unchanged Maildir is kept in memory and reused by the next session (see
+L{popd.maildrops.snapshot_cache}).
 
 Folders: opening a folder that does not exist is L{NoSuchFolder} and
 creates nothing; delivering into one creates it (when C{create} is on), as
@@ -43,8 +47,9 @@ cut off by a crash is ignored:
     costs time.
   - C{popd-retrieved} (C{popd-retrieved 1}): when a session first retrieved
     each message, in POSIX seconds (the clock of RFC 2449 EXPIRE).  Written
-    by C{commit} under the session lock; the lines of messages no longer
-    in the Maildir are dropped then.  Losing it only restarts that clock.
+    by a C{commit} that records a first retrieval or removes messages,
+    under the session lock; the lines of messages no longer in the Maildir
+    are dropped then.  Losing it only restarts that clock.
   - C{popd-uids} (C{popd-uids 1}): the UIDs given to C{deliver}, by base
     name.  A delivery with a UID takes C{popd-uids.lock} (C{flock}, held
     only while it checks the UID is unused, writes the message and the map
@@ -66,6 +71,7 @@ import socket
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -76,6 +82,7 @@ from popd.interfaces import (
     IMaildrop,
     IMaildropProvider,
     MaildropError,
+    MaildropInUse,
     MessageInfo,
     NoSuchFolder,
     NoSuchUser,
@@ -87,8 +94,14 @@ from popd.maildrops.paths import (
     expand_path,
     validate_folder_name,
 )
-from popd.maildrops.threads import BlockingRunner
-from popd.stream import WireSizeCounter, file_wire_size
+from popd.maildrops.snapshot_cache import (
+    BoundedCache,
+    Stamp,
+    file_stamp,
+    is_settled,
+)
+from popd.maildrops.threads import BlockingRunner, translating_os_errors
+from popd.stream import WireSizeCounter
 
 #: How much of a message is read or copied at a time.
 CHUNK_SIZE = 64 * 1024
@@ -112,6 +125,12 @@ _W_FIELD = re.compile(r",W=([0-9]+)(?=,|\Z)")
 _LEADING_NUMBER = re.compile(r"[0-9]+")
 _NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP})
 _delivery_counter = itertools.count(1)
+#: Reading this many messages' sizes at once is shared among
+#: L{_SIZE_THREADS} threads.
+_PARALLEL_SIZES_FROM = 2000
+_SIZE_THREADS = 4
+#: The default of L{MaildirProvider}'s C{cache_messages}.
+DEFAULT_CACHE_MESSAGES = 250_000
 
 
 def uid_for(base: str) -> str:
@@ -169,6 +188,9 @@ class MaildirProvider:
         (C{G} field, else the base name), C{%f} the base name, C{%%} a
         C{%}; a width (C{%08}) and C{X}/C{x} for hexadecimal may come
         between.  A message with its own C{P} field uses that instead.
+    @param cache_messages: how many messages' snapshots to keep in memory
+        (about 300 bytes each), so a login to an unchanged Maildir does not
+        scan it again (see L{popd.maildrops.snapshot_cache}); 0 keeps none.
     @param reactor: the reactor to report results on (default: the global
         one, looked up when first needed).
     @param threadpool: where blocking work runs (default: the reactor's).
@@ -182,6 +204,7 @@ class MaildirProvider:
         create: bool = True,
         dovecot_uidl: bool = True,
         dovecot_uidl_format: str = DOVECOT_DEFAULT_UIDL_FORMAT,
+        cache_messages: int = DEFAULT_CACHE_MESSAGES,
         reactor: Any = None,
         threadpool: Any = None,
     ) -> None:
@@ -189,15 +212,39 @@ class MaildirProvider:
         self._template = path_template
         self._create = create
         self._dovecot = _DovecotUidl(dovecot_uidl_format) if dovecot_uidl else None
+        self._snapshots: BoundedCache[str, _Snapshot] | None = None
+        if cache_messages > 0:
+            self._snapshots = BoundedCache(
+                cache_messages, lambda snapshot: len(snapshot.messages) + 1
+            )
         self._runner = BlockingRunner(reactor, threadpool)
 
     def open(self, avatar_id: str, folder: str | None = None) -> Deferred:
         """
         Lock and snapshot a user's Maildir (or one of its folders).
 
+        A Maildir whose snapshot in memory is still good is opened on the
+        calling thread (the lock and a few C{stat} calls); scanning one
+        runs in the thread pool.
+
         @return: a L{Deferred} firing with an L{IMaildrop}.
         """
-        return self._run(self._open_blocking, avatar_id, folder)
+        root = self._cached_root(avatar_id, folder)
+        if root is None:
+            return self._run(self._open_blocking, avatar_id, folder, None)
+        try:
+            lock = acquire_lock(os.path.join(root, LOCK_FILE))
+        except MaildropInUse:
+            return fail()
+        except OSError:
+            return self._run(self._open_blocking, avatar_id, folder, None)
+        try:
+            snapshot = _reusable_snapshot(root, self._dovecot, self._snapshots)
+        except OSError:
+            snapshot = None
+        if snapshot is None:
+            return self._run(self._open_blocking, avatar_id, folder, lock)
+        return succeed(MaildirMaildrop(root, snapshot, lock, self._run))
 
     def deliver(
         self,
@@ -233,15 +280,40 @@ class MaildirProvider:
         """
         return self._runner.run(function, *args)
 
-    def _open_blocking(self, avatar_id: str, folder: str | None) -> MaildirMaildrop:
-        root = self._prepared_maildir(avatar_id, folder, for_delivery=False)
-        lock = acquire_lock(os.path.join(root, LOCK_FILE))
+    def _cached_root(self, avatar_id: str, folder: str | None) -> str | None:
+        """
+        The Maildir of C{avatar_id} (or C{folder}) if a snapshot of it is
+        in memory, else C{None}.
+        """
+        if self._snapshots is None:
+            return None
         try:
-            messages = _snapshot(root, self._dovecot)
+            root = self._maildir_path(avatar_id, folder)
+        except MaildropError:
+            # The thread pool path says what is wrong.
+            return None
+        return root if self._snapshots.get(root) is not None else None
+
+    def _open_blocking(
+        self, avatar_id: str, folder: str | None, lock: MaildropLock | None
+    ) -> MaildirMaildrop:
+        """
+        Open in the thread pool, with the session lock if it is held already.
+        """
+        try:
+            root = self._prepared_maildir(avatar_id, folder, for_delivery=False)
+            if lock is None:
+                lock = acquire_lock(os.path.join(root, LOCK_FILE))
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        try:
+            snapshot = _snapshot(root, self._dovecot, self._snapshots)
         except BaseException:
             lock.release()
             raise
-        return MaildirMaildrop(root, messages, lock, self._run)
+        return MaildirMaildrop(root, snapshot, lock, self._run)
 
     def _deliver_blocking(
         self,
@@ -318,18 +390,23 @@ class MaildirProvider:
 class MaildirMaildrop:
     """
     An open, locked Maildir: the snapshot taken at open, in delivery order.
+
+    Opening a message, and a commit that changes nothing on disk, run on
+    the caller's thread: each is a few system calls whatever the size of
+    the Maildir, as reading the message is.  Looking for a message another
+    program moved, and commits that write, run in the thread pool.
     """
 
     def __init__(
         self,
         root: str,
-        messages: list[_Message],
+        snapshot: _Snapshot,
         lock: MaildropLock,
         run: Callable[..., Deferred],
     ) -> None:
         self.root = root
-        self.messages = tuple(message.info for message in messages)
-        self._messages = messages
+        self.messages = snapshot.infos
+        self._messages = snapshot.messages
         self._lock = lock
         self._run = run
         self._closed = False
@@ -345,7 +422,12 @@ class MaildirMaildrop:
         message = self._message(index)
         if self._closed:
             return fail(MaildropError("the maildrop is closed"))
-        return self._run(self._read_blocking, message)
+        try:
+            return succeed(_open_message(message.path))
+        except FileNotFoundError:
+            return self._run(self._read_moved, message)
+        except OSError:
+            return self._run(_open_message, message.path)
 
     def commit(self, deleted: Iterable[int], retrieved: Iterable[int] = ()) -> Deferred:
         """
@@ -360,7 +442,10 @@ class MaildirMaildrop:
         if self._closed:
             return succeed(None)
         self._closed = True
-        return self._run(self._commit_blocking, doomed, fetched)
+        first_fetched = [m for m in fetched if m.info.retrieved_at is None]
+        if not doomed and not first_fetched:
+            return self._release_now()
+        return self._run(self._commit_blocking, doomed, first_fetched)
 
     def release(self) -> Deferred:
         """
@@ -369,18 +454,24 @@ class MaildirMaildrop:
         if self._closed:
             return succeed(None)
         self._closed = True
-        return self._run(self._lock.release)
+        return self._release_now()
+
+    def _release_now(self) -> Deferred:
+        try:
+            translating_os_errors(self._lock.release)
+        except MaildropError:
+            return fail()
+        return succeed(None)
 
     def _message(self, index: int) -> _Message:
         if not 0 <= index < len(self._messages):
             raise IndexError(f"no message at index {index}")
         return self._messages[index]
 
-    def _read_blocking(self, message: _Message) -> BinaryIO:
-        try:
-            return _open_message(message.path)
-        except FileNotFoundError:
-            pass
+    def _read_moved(self, message: _Message) -> BinaryIO:
+        """
+        Open a message that is no longer where the snapshot saw it.
+        """
         path = _find(self.root, message.base)
         if path is None:
             raise MaildropError(
@@ -394,9 +485,9 @@ class MaildirMaildrop:
             _record_retrievals(self.root, self._messages, doomed, fetched)
             for message in doomed:
                 _remove(self.root, message)
-            for subdir in ("new", "cur"):
-                _fsync_directory(os.path.join(self.root, subdir))
             if doomed:
+                for subdir in ("new", "cur"):
+                    _fsync_directory(os.path.join(self.root, subdir))
                 _prune_uid_map(self.root)
         finally:
             self._lock.release()
@@ -442,15 +533,135 @@ def _make_maildir(root: str, *, is_folder: bool) -> None:
     _fsync_directory(os.path.dirname(root))
 
 
-def _snapshot(root: str, dovecot: _DovecotUidl | None = None) -> list[_Message]:
+@dataclass(slots=True)
+class _Snapshot:
+    """
+    What one look at a Maildir found, with the stamps of what it was built
+    from (see L{popd.maildrops.snapshot_cache}).
+
+    @ivar directories: the stamps of C{new/} and C{cur/}.
+    @ivar tables: the stamps of C{popd-uids}, C{dovecot-uidlist} (when
+        read) and C{popd-retrieved}.
+    @ivar messages: the messages in delivery order.
+    @ivar infos: their L{MessageInfo}s, as a session lists them.
+    """
+
+    directories: tuple[Stamp, Stamp]
+    directories_settled: bool
+    tables: tuple[Stamp, Stamp, Stamp]
+    tables_settled: bool
+    messages: list[_Message]
+    infos: tuple[MessageInfo, ...]
+
+    def listing_reusable(self, directories: tuple[Stamp, Stamp]) -> bool:
+        return self.directories_settled and self.directories == directories
+
+    def reusable(
+        self, directories: tuple[Stamp, Stamp], tables: tuple[Stamp, Stamp, Stamp]
+    ) -> bool:
+        return (
+            self.listing_reusable(directories)
+            and self.tables_settled
+            and self.tables == tables
+        )
+
+
+def _snapshot(
+    root: str,
+    dovecot: _DovecotUidl | None = None,
+    cache: BoundedCache[str, _Snapshot] | None = None,
+) -> _Snapshot:
     """
     List the messages in C{new/} and C{cur/} with their UIDs, CRLF sizes
     and retrieval times, in delivery order.
+
+    With a C{cache}, a snapshot of an unchanged Maildir is reused whole;
+    when only popd's files changed, the directory listing and sizes are;
+    otherwise the sizes of messages seen before are.
     """
-    cache = _SizeCache(os.path.join(root, SIZE_CACHE_FILE))
-    retrieved = _load_table(os.path.join(root, RETRIEVED_FILE), _RETRIEVED_HEADER) or {}
+    looked_at, directories, tables = _stamps(root, dovecot)
+    previous = cache.get(root) if cache is not None else None
+    if previous is not None and previous.reusable(directories, tables):
+        return previous
     records = dovecot.records(root) if dovecot is not None else {}
+    if previous is not None and previous.listing_reusable(directories):
+        found = [(m.base, m.path, m.info.size) for m in previous.messages]
+    else:
+        known = None
+        if previous is not None:
+            known = {
+                m.base: m.info.size
+                for m in previous.messages
+                if _size_from_name(m.base) is None
+            }
+        found = _listing(root, records, known)
+    retrieved = _load_table(os.path.join(root, RETRIEVED_FILE), _RETRIEVED_HEADER) or {}
+    uids = _assign_uids(root, [base for base, _, _ in found], dovecot, records)
+    messages = [
+        _Message(base, path, MessageInfo(uids[base], size, _time(retrieved, base)))
+        for base, path, size in found
+    ]
+    snapshot = _Snapshot(
+        directories,
+        is_settled(directories, looked_at),
+        tables,
+        is_settled(tables, looked_at),
+        messages,
+        tuple(message.info for message in messages),
+    )
+    if cache is not None:
+        cache.put(root, snapshot)
+    return snapshot
+
+
+def _stamps(
+    root: str, dovecot: _DovecotUidl | None
+) -> tuple[float, tuple[Stamp, Stamp], tuple[Stamp, Stamp, Stamp]]:
+    """
+    When the sources of a snapshot are looked at, and their stamps: those
+    of the directories, and of popd's and Dovecot's files.
+    """
+    looked_at = time.time()
+    directories = (
+        file_stamp(os.path.join(root, "new")),
+        file_stamp(os.path.join(root, "cur")),
+    )
+    tables = (
+        file_stamp(os.path.join(root, UID_MAP_FILE)),
+        file_stamp(os.path.join(root, DOVECOT_UIDLIST_FILE)) if dovecot else None,
+        file_stamp(os.path.join(root, RETRIEVED_FILE)),
+    )
+    return looked_at, directories, tables
+
+
+def _reusable_snapshot(
+    root: str, dovecot: _DovecotUidl | None, cache: BoundedCache[str, _Snapshot]
+) -> _Snapshot | None:
+    """
+    The snapshot of C{root} in C{cache} if nothing it was built from has
+    changed since, else C{None}.
+    """
+    previous = cache.get(root)
+    if previous is None:
+        return None
+    _, directories, tables = _stamps(root, dovecot)
+    return previous if previous.reusable(directories, tables) else None
+
+
+def _listing(
+    root: str, records: dict[str, dict[str, str]], known: dict[str, int] | None
+) -> list[tuple[str, str, int]]:
+    """
+    The C{(base name, path, CRLF size)} of each message in delivery order.
+
+    A size comes from the name's C{,W=} field, else C{known} (sizes seen
+    by an earlier snapshot) or the C{popd-sizes} file, else Dovecot's
+    record, else reading the message; sizes read are saved in
+    C{popd-sizes}.  A message that vanishes meanwhile is left out.
+    """
+    cache = _SizeCache(os.path.join(root, SIZE_CACHE_FILE), known)
     found = []
+    unsized = []
     for _, base, path in sorted(_scan(root)):
         size = _size_from_name(base)
         if size is None:
@@ -458,17 +669,17 @@ def _snapshot(root: str, dovecot: _DovecotUidl | None = None) -> list[_Message]:
         if size is None and base in records:
             size = _DovecotUidl.vsize(records[base])
         if size is None:
-            size = _computed_size(path)
-            if size is None:
-                continue
-            cache.put(base, size)
+            unsized.append(len(found))
         found.append((base, path, size))
+    sizes = _computed_sizes([found[index][1] for index in unsized])
+    for index, size in zip(unsized, sizes, strict=True):
+        base, path, _ = found[index]
+        found[index] = (base, path, size)
+        if size is not None:
+            cache.put(base, size)
+    found = [entry for entry in found if entry[2] is not None]
     cache.save_if_changed(base for base, _, _ in found)
-    uids = _assign_uids(root, [base for base, _, _ in found], dovecot, records)
-    return [
-        _Message(base, path, MessageInfo(uids[base], size, _time(retrieved, base)))
-        for base, path, size in found
-    ]
+    return found
 
 
 def _time(table: dict[str, str], base: str) -> float | None:
@@ -538,16 +749,35 @@ def _size_from_name(base: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _computed_sizes(paths: list[str]) -> Iterator[int | None]:
+    """
+    The CRLF sizes of messages by reading them (see L{_computed_size}), in
+    order.  Many are read by a few threads at once: the reads and the
+    counting release the GIL, and a first login to a large Maildir reads
+    them all.
+    """
+    if len(paths) < _PARALLEL_SIZES_FROM:
+        return map(_computed_size, paths)
+    with ThreadPoolExecutor(_SIZE_THREADS, "popd-maildir-sizes") as pool:
+        return iter(list(pool.map(_computed_size, paths, chunksize=256)))
+
+
 def _computed_size(path: str) -> int | None:
     """
     The CRLF size of a message by reading it, or C{None} if it vanished or
     is no longer a regular file.
     """
     try:
-        with _open_message(path) as message:
-            return file_wire_size(message, CHUNK_SIZE)
+        fd = _open_message_fd(path)
     except (FileNotFoundError, _NotRegularFileError):
         return None
+    try:
+        counter = WireSizeCounter()
+        while chunk := os.read(fd, CHUNK_SIZE):
+            counter.feed(chunk)
+        return counter.size
+    finally:
+        os.close(fd)
 
 
 class _NotRegularFileError(OSError):
@@ -562,8 +792,18 @@ def _open_message(path: str) -> BinaryIO:
     not a regular file: a user with shell access must not be able to read
     other files through popd.
     """
+    return os.fdopen(_open_message_fd(path), "rb", buffering=0)
+
+
+def _open_message_fd(path: str) -> int:
+    """
+    L{_open_message}, as a descriptor.  C{O_NONBLOCK} keeps a FIFO put in
+    the message's place from blocking the open; it changes nothing for a
+    regular file.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise _NotRegularFileError(errno.ELOOP, "not a regular file", path) from e
@@ -571,10 +811,10 @@ def _open_message(path: str) -> BinaryIO:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise _NotRegularFileError(errno.EINVAL, "not a regular file", path)
-        return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+    return fd
 
 
 def _find(root: str, base: str) -> str | None:
@@ -840,15 +1080,24 @@ class _SizeCache:
     """
     The C{popd-sizes} file: C{<base name> <size>} lines.  A malformed line
     makes the whole cache count as empty, so it is rebuilt.
+
+    @param known: sizes already known (from a snapshot in memory): the
+        file is only read for a message not among them.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, known: dict[str, int] | None = None) -> None:
         self._path = path
-        self._sizes = self._load()
+        self._sizes = dict(known or ())
+        self._loaded = False
         self._changed = False
 
     def get(self, base: str) -> int | None:
-        return self._sizes.get(base)
+        size = self._sizes.get(base)
+        if size is None and not self._loaded:
+            self._loaded = True
+            self._sizes = self._load() | self._sizes
+            size = self._sizes.get(base)
+        return size
 
     def put(self, base: str, size: int) -> None:
         if "\n" not in base:
