@@ -811,3 +811,229 @@ def test_usable_interfaces_never_block_after_the_first_read(
     assert IUsernameHashedPassword not in checker.usableCredentialInterfaces()
     pool.run()
     assert IUsernameHashedPassword in checker.usableCredentialInterfaces()
+
+
+# -- cheap checks on the reactor thread --------------------------------------
+
+
+class FakeClock:
+    """
+    A C{time.monotonic} stand-in that only moves when told.
+    """
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def make_fresh_checker(users_path, pool, clock):
+    """
+    A checker on a fake clock whose file was just read, as a login in the
+    thread pool leaves it.
+    """
+
+    def make(text: str) -> PasswdFileChecker:
+        write(users_path, text)
+        passwd = PasswdFile(users_path, clock=clock)
+        passwd.refresh()
+        return PasswdFileChecker(passwd, reactor=ImmediateReactor(), threadpool=pool)
+
+    return make
+
+
+def count_verifications(monkeypatch) -> list:
+    """
+    Record every C{(stored, password)} the checker verifies.
+    """
+    calls = []
+    monkeypatch.setattr(
+        passwdfile, "verify_password", lambda *a: calls.append(a) or verify_password(*a)
+    )
+    return calls
+
+
+CHEAP_STORED = [
+    "{PLAIN}pw",
+    "{PLAIN.B64}cHc=",
+    "{SHA256.HEX}" + hashlib.sha256(b"pw").hexdigest(),
+    hash_password(b"pw", "SSHA512"),
+    hash_password(b"pw", "CRAM-MD5"),
+]
+
+
+@pytest.mark.parametrize("stored", CHEAP_STORED)
+def test_cheap_schemes_are_verified_without_the_thread_pool(
+    make_fresh_checker, pool, stored
+):
+    checker = make_fresh_checker(f"Bob:{stored}\n")
+    d = checker.requestAvatarId(UsernamePassword(b"BOB", b"pw"))
+    assert d.called and not pool.pending
+    assert outcome(d) == "bob"
+
+
+def test_wrong_password_is_refused_inline(make_fresh_checker, pool, monkeypatch):
+    checker = make_fresh_checker("bob:{PLAIN}pw\n")
+    calls = count_verifications(monkeypatch)
+    d = checker.requestAvatarId(UsernamePassword(b"bob", b"PW"))
+    assert d.called and not pool.pending
+    assert refusal_message(outcome(d)) == "Authentication failed"
+    assert calls == [("{PLAIN}pw", b"PW")]
+
+
+EXPENSIVE_STORED = [
+    SECRET_HASH,
+    hash_password(b"secret", "ARGON2ID", rounds=1),
+    hash_password(b"secret", "BLF-CRYPT", rounds=4),
+    hash_password(b"secret", "SCRAM-SHA-256", rounds=64),
+    hash_password(b"secret", "MD5-CRYPT"),
+]
+
+
+@pytest.mark.parametrize("stored", EXPENSIVE_STORED)
+def test_expensive_schemes_still_go_to_the_thread_pool(
+    make_fresh_checker, pool, stored
+):
+    checker = make_fresh_checker(f"bob:{stored}\n")
+    d = checker.requestAvatarId(UsernamePassword(b"bob", b"secret"))
+    assert not d.called and len(pool.pending) == 1
+    pool.run()
+    assert outcome(d) == "bob"
+
+
+def test_unknown_user_goes_to_the_thread_pool(make_fresh_checker, pool, monkeypatch):
+    checker = make_fresh_checker("bob:{PLAIN}pw\n")
+    calls = count_verifications(monkeypatch)
+    d = checker.requestAvatarId(UsernamePassword(b"nobody", b"pw"))
+    assert not d.called and not calls
+    pool.run()
+    assert refusal_message(outcome(d))
+    # It still costs a verification against the dummy hash.
+    assert calls == [(dummy_hash(), b"pw")]
+
+
+@pytest.mark.parametrize(
+    "line", ["gone:{PLAIN}pw:::::: nologin\n", "gone:{PLAIN}pw:::::: nopassword\n"]
+)
+def test_users_who_may_not_log_in_go_to_the_thread_pool(make_fresh_checker, pool, line):
+    checker = make_fresh_checker(line)
+    d = checker.requestAvatarId(UsernamePassword(b"gone", b"pw"))
+    assert not d.called
+    pool.run()
+    assert refusal_message(outcome(d))
+
+
+def test_other_credentials_go_to_the_thread_pool(make_fresh_checker, pool):
+    checker = make_fresh_checker("bob:{PLAIN}pw\n")
+    challenge = b"<1.2@pop.example>"
+    digest = hashlib.md5(challenge + b"pw").hexdigest().encode()
+    for credentials in (
+        APOPCredentials(b"bob", challenge, digest),
+        cram_response(b"bob", b"pw"),
+        CertificateCredentials(b"bob", certificate=None),
+    ):
+        d = checker.requestAvatarId(credentials)
+        assert not d.called
+        pool.run()
+        assert outcome(d) == "bob"
+
+
+def test_a_never_read_file_goes_to_the_thread_pool(users_path, pool, clock):
+    write(users_path, "bob:{PLAIN}pw\n")
+    passwd = PasswdFile(users_path, clock=clock)
+    checker = PasswdFileChecker(passwd, reactor=ImmediateReactor(), threadpool=pool)
+    d = checker.requestAvatarId(UsernamePassword(b"bob", b"pw"))
+    assert not d.called
+    pool.run()
+    assert outcome(d) == "bob"
+    # That read the file: the next login is verified at once.
+    d = checker.requestAvatarId(UsernamePassword(b"bob", b"pw"))
+    assert d.called and not pool.pending
+
+
+def test_file_edits_take_effect_once_the_cache_is_stale(
+    make_fresh_checker, pool, clock, users_path
+):
+    checker = make_fresh_checker("bob:{PLAIN}old\n")
+    set_password(users_path, "bob", "{PLAIN}new")
+    # Within the window the cached entry answers, without reading the file.
+    clock.advance(passwdfile.LOOKUP_MAX_AGE / 2)
+    assert outcome(checker.requestAvatarId(UsernamePassword(b"bob", b"old"))) == "bob"
+    assert not pool.pending
+    clock.advance(passwdfile.LOOKUP_MAX_AGE / 2)
+    d = checker.requestAvatarId(UsernamePassword(b"bob", b"new"))
+    assert not d.called
+    pool.run()
+    assert outcome(d) == "bob"
+    # Read again: the new password now works inline, the old one no more.
+    assert outcome(checker.requestAvatarId(UsernamePassword(b"bob", b"new"))) == "bob"
+    old = outcome(checker.requestAvatarId(UsernamePassword(b"bob", b"old")))
+    assert refusal_message(old) and not pool.pending
+
+
+def test_cached_lookup(users_path, clock):
+    write(users_path, "Bob:{PLAIN}pw\n")
+    passwd = PasswdFile(users_path, clock=clock)
+    assert passwd.cached_lookup("bob") is passwdfile.STALE
+    assert passwd.lookup("bob") is not None
+    assert passwd.cached_lookup("BOB").password == "{PLAIN}pw"
+    assert passwd.cached_lookup("nobody") is None
+    # Another thread reading the file: no waiting for it.
+    with passwd._lock:
+        assert passwd.cached_lookup("bob") is passwdfile.STALE
+    clock.advance(passwdfile.LOOKUP_MAX_AGE)
+    assert passwd.cached_lookup("bob") is passwdfile.STALE
+
+
+def test_cached_lookup_never_touches_the_filesystem(users_path, clock, monkeypatch):
+    write(users_path, "bob:{PLAIN}pw\n")
+    passwd = PasswdFile(users_path, clock=clock)
+    passwd.refresh()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the filesystem was touched")
+
+    monkeypatch.setattr(os, "stat", forbidden)
+    monkeypatch.setattr("builtins.open", forbidden)
+    assert passwd.cached_lookup("bob") is not None
+
+
+@pytest.mark.parametrize(
+    ("username", "password"),
+    [
+        (b"bob", b"pw"),
+        ("Bob", "pw"),
+        (b"bob", b"PW"),
+        (b"bob", b""),
+        (b"bob", b"p" * 5000),
+        (b"gone", b"pw"),
+        (b"empty", b""),
+        (b"nobody", b"pw"),
+    ],
+)
+def test_inline_and_thread_pool_answers_agree(
+    make_fresh_checker, pool, clock, username, password
+):
+    checker = make_fresh_checker(
+        "bob:{PLAIN}pw\ngone:{PLAIN}pw:::::: nologin\nempty:\n"
+    )
+    first = login(checker, pool, UsernamePassword(username, password))
+    clock.advance(passwdfile.LOOKUP_MAX_AGE)
+    d = checker.requestAvatarId(UsernamePassword(username, password))
+    assert not d.called  # stale: this one goes to the pool
+    pool.run()
+    threaded = outcome(d)
+    if isinstance(threaded, Failure):
+        assert refusal_message(first) == refusal_message(threaded)
+    else:
+        assert first == threaded == "bob"

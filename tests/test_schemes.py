@@ -572,3 +572,82 @@ def test_doveadm_verifies_what_popd_makes(scheme):
     for password in ("password", "pässwörd with spaces"):
         stored = hash_password(password.encode(), scheme)
         assert "(verified)" in _run("pw", "-t", stored, "-p", password)
+
+
+# is_cheap: which values a checker may verify on the reactor thread
+
+CHEAP_VALUES = [
+    "{PLAIN}test",
+    "{CLEAR}test",
+    "{CLEARTEXT}test",
+    "{PLAIN.B64}" + b64(b"test"),
+    "{plain.hex}" + b"test".hex(),
+    "{PLAIN-MD5}" + hashlib.md5(b"test").hexdigest(),
+    "{LDAP-MD5}CY9rzUYh03PK3k6DJie09g==",
+    "{SHA}" + b64(hashlib.sha1(b"test").digest()),
+    "{SHA1}qUqP5cyxm6YcTAhz05Hph5gvu9M=",
+    "{SHA256}n4bQgYhMfWWaL+qgxVrQFaO/TxsrC4Is0V1sFbDwCgg=",
+    "{SHA256.HEX}" + hashlib.sha256(b"test").hexdigest(),
+    "{SHA512}" + b64(hashlib.sha512(b"test").digest()),
+    "{SMD5}JTu1KRwptKZJg/RLd+6Vn5GUd0M=",
+    "{SSHA}H/zrDv8FXUu1JmwvVYijfrYEF34jVZcO",
+    DOVEADM_VECTORS["SSHA256"],
+    hash_password(b"test", "SSHA512"),
+    DOVEADM_VECTORS["CRAM-MD5"],
+    "{HMAC-MD5}" + DOVEADM_VECTORS["CRAM-MD5"].removeprefix("{CRAM-MD5}"),
+]
+
+NOT_CHEAP_VALUES = [
+    "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$vBb99oJ12p3WAdYlaMHz1A"
+    "$jtFOtbo/sYV9OSlTxDo/nVNq3uArHd5GJSEx0ty85Cc",
+    "{ARGON2I}$argon2i$v=19$m=32768,t=4,p=1$f2iuP4aUeNMrgu34fhOkkg"
+    "$1XSZZMWlIs0zmE+snlUIcLADO3GXbA2O/hsQmmc317k",
+    "{BLF-CRYPT}$2y$05$11ipvo5dR6CwkzwmhwM26OXgzXwhV2PyPuLV.Qi31ILcRcThQpEiW",
+    hash_password(b"test", "SHA512-CRYPT", rounds=1000),
+    hash_password(b"test", "SHA256-CRYPT", rounds=1000),
+    DOVEADM_VECTORS["MD5-CRYPT"],
+    "{MD5}$1$wmyrgRuV$kImF6.9MAFQNHe23kq5vI/",
+    "{CRYPT}//EsnG9FLTKjo",
+    "{DES-CRYPT}//EsnG9FLTKjo",
+    "$6$salt$bare-crypt-is-crypt",
+    DOVEADM_VECTORS["SCRAM-SHA-256"],
+    DOVEADM_VECTORS["SCRAM-SHA-1"],
+]
+
+
+@pytest.mark.parametrize("stored", CHEAP_VALUES)
+def test_plain_and_digest_schemes_are_cheap(stored):
+    assert schemes.is_cheap(stored) is True
+    assert verify_password(stored, b"test") or verify_password(stored, b"password")
+
+
+@pytest.mark.parametrize("stored", NOT_CHEAP_VALUES)
+def test_slow_schemes_are_not_cheap(stored):
+    assert schemes.is_cheap(stored) is False
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        "",
+        "{NOPE}test",
+        "{PLAIN",
+        "{PLAIN.ROT13}test",
+        "{SHA256}!!!not base64!!!",
+        "{SHA256}" + b64(b"too short"),
+        "{SHA256}é",
+        "{CRAM-MD5}zz",
+    ],
+)
+def test_unknown_and_malformed_values_are_not_cheap(stored):
+    assert schemes.is_cheap(stored) is False
+
+
+@given(stored=st.text(max_size=200))
+def test_is_cheap_never_raises(stored):
+    assert schemes.is_cheap(stored) in (True, False)
+
+
+def test_default_and_dummy_hashes_are_not_cheap():
+    assert not schemes.is_cheap(dummy_hash())
+    assert not schemes.is_cheap(hash_password(b"test"))

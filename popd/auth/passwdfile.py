@@ -39,6 +39,7 @@ needs the user to exist and be allowed to log in.
 
 from __future__ import annotations
 
+import enum
 import grp
 import os
 import pwd
@@ -47,6 +48,7 @@ import tempfile
 import threading
 import time
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -73,6 +75,7 @@ from popd.auth.schemes import (
     UnknownScheme,
     cram_md5_context_of,
     dummy_hash,
+    is_cheap,
     parse_stored,
     plaintext_of,
     scram_secret_of,
@@ -84,6 +87,7 @@ __all__ = [
     "PasswdEntry",
     "PasswdFile",
     "PasswdFileChecker",
+    "STALE",
     "delete_user",
     "set_password",
     "validate_username",
@@ -99,6 +103,25 @@ _REFUSED = "Authentication failed"
 # How old the checker's idea of what the file can serve (for CAPA) may get
 # before a CAPA has it read the file again, in a thread, in seconds.
 KINDS_MAX_AGE = 2.0
+
+# How recently the file must have been looked at for a login to trust the
+# cached entry on the reactor thread, in seconds.  Edits to the file take
+# effect within this time; an older (or never-read) cache sends the login to
+# the thread pool, which reads the file again.
+LOOKUP_MAX_AGE = 1.0
+
+
+class _Stale(enum.Enum):
+    """
+    The type of L{STALE}.
+    """
+
+    STALE = "stale"
+
+
+#: What L{PasswdFile.cached_lookup} answers when the cache is too old (or
+#: busy being refreshed) to say anything, as opposed to C{None}: no such user.
+STALE = _Stale.STALE
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,16 +293,24 @@ class PasswdFile:
 
     A missing or unreadable file means no users; that is logged once each
     time it happens, not on every lookup.
+
+    @ivar clock: what tells the time, C{time.monotonic} unless a test
+        injects a fake one; L{checked_at} is on its scale.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = os.fspath(path)
+        self.clock = clock
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int, int] | None = None
         self._users: dict[str, PasswdEntry] = {}
         self._problem: str | None = None
         self._kinds: frozenset[str] | None = None
-        self._checked_at = 0.0
+        self._checked_at: float | None = None
 
     def lookup(self, name: str) -> PasswdEntry | None:
         """
@@ -288,6 +319,26 @@ class PasswdFile:
         with self._lock:
             self._refresh()
             return self._users.get(name.lower())
+
+    def cached_lookup(self, name: str) -> PasswdEntry | None | _Stale:
+        """
+        The entry of user C{name} as the file was last read, without ever
+        touching the filesystem or waiting, for use on the reactor thread.
+
+        @return: the entry, C{None} for no such user, or L{STALE} when the
+            file was never looked at, was looked at L{LOOKUP_MAX_AGE}
+            seconds ago or more, or another thread is reading it: only
+            L{lookup} (in a thread) can answer then.
+        """
+        if not self._lock.acquire(blocking=False):
+            return STALE
+        try:
+            checked_at = self._checked_at
+            if checked_at is None or self.clock() - checked_at >= LOOKUP_MAX_AGE:
+                return STALE
+            return self._users.get(name.lower())
+        finally:
+            self._lock.release()
 
     def refresh(self) -> None:
         """
@@ -307,12 +358,12 @@ class PasswdFile:
     @property
     def checked_at(self) -> float:
         """
-        When (C{time.monotonic()}) the file was last looked at.
+        When (by L{clock}) the file was last looked at; 0 before the first.
         """
-        return self._checked_at
+        return self._checked_at or 0.0
 
     def _refresh(self) -> None:
-        self._checked_at = time.monotonic()
+        self._checked_at = self.clock()
         try:
             st = os.stat(self.path)
         except OSError as e:
@@ -412,8 +463,12 @@ class PasswdFileChecker:
     (L{IScramCredentials}, with L{scram_secret} for the mechanism) and SASL
     EXTERNAL (L{ICertificateCredentials}).
 
-    The lookup and the hash verification run in a thread pool, never on the
-    reactor thread.  An unknown user costs a verification against
+    The lookup and the hash verification run in a thread pool, not on the
+    reactor thread, with one exception: a password login for a user whose
+    entry was read less than L{LOOKUP_MAX_AGE} seconds ago, who may log in
+    and whose stored scheme is cheap (L{is_cheap}: one digest or compare)
+    is verified at once, sparing two thread hand-offs; the result is the
+    same either way.  An unknown user costs a verification against
     L{dummy_hash}, so a failed login takes about as long either way; every
     refusal is the same L{UnauthorizedLogin}.  APOP needs the plaintext, so
     it only succeeds for users stored with PLAIN or CLEAR; CRAM-MD5 and
@@ -460,9 +515,40 @@ class PasswdFileChecker:
             username = _as_text(credentials.username)
         except (AttributeError, UnicodeDecodeError):
             return defer.fail(UnauthorizedLogin(_REFUSED))
-        d = self._in_thread(self._check, username, credentials)
+        entry = self._cheap_entry(username, credentials)
+        if entry is not None:
+            d = defer.maybeDeferred(self._check_password, entry, credentials)
+        else:
+            d = self._in_thread(self._check, username, credentials)
         d.addCallback(self._avatar_or_refusal)
         return d
+
+    def _cheap_entry(self, username: str, credentials) -> PasswdEntry | None:
+        """
+        The entry to verify C{credentials} against on the reactor thread, or
+        C{None} to go to the thread pool: unless these are password
+        credentials for a user of the freshly read file who may log in and
+        whose stored password is cheap to verify.  Unknown users always go
+        to the pool, where they cost a verification against L{dummy_hash}.
+        """
+        if not IUsernamePassword.providedBy(credentials):
+            return None
+        entry = self.passwd_file.cached_lookup(username)
+        if entry is STALE or entry is None:
+            return None
+        if not entry.may_log_in or not is_cheap(entry.password):
+            return None
+        return entry
+
+    @staticmethod
+    def _check_password(entry: PasswdEntry, credentials) -> str | None:
+        """
+        On the reactor thread, for an entry L{_cheap_entry} chose: the
+        avatar ID, or C{None} to refuse; what L{_check} would answer.
+        """
+        if verify_password(entry.password, _as_bytes(credentials.password)):
+            return entry.name
+        return None
 
     def _check(self, username: str, credentials) -> str | None:
         """
@@ -545,7 +631,7 @@ class PasswdFileChecker:
         if kinds is None:
             self.passwd_file.refresh()
             kinds = self.passwd_file.secret_kinds() or frozenset()
-        elif time.monotonic() - self.passwd_file.checked_at > KINDS_MAX_AGE:
+        elif self.passwd_file.clock() - self.passwd_file.checked_at > KINDS_MAX_AGE:
             self._refresh_in_thread()
         usable = {IUsernamePassword, ICertificateCredentials}
         if "PLAIN" in kinds:

@@ -58,6 +58,7 @@ __all__ = [
     "cram_md5_context_of",
     "dummy_hash",
     "hash_password",
+    "is_cheap",
     "parse_stored",
     "plaintext_of",
     "scram_secret_of",
@@ -120,11 +121,16 @@ class _Scheme:
     @ivar encoding: how the data is written when no suffix says otherwise.
     @ivar raw_size: the decoded value's fixed size, or 0 when it varies.
     @ivar verify: C{verify(password, raw)} with the decoded stored value.
+    @ivar cheap: whether C{verify} costs only a single fast digest or
+        compare, so a caller may run it on the reactor thread
+        (L{is_cheap}).  C{False} by default: a scheme is slow until shown
+        otherwise.
     """
 
     encoding: str
     raw_size: int
     verify: Callable[[bytes, bytes], bool]
+    cheap: bool = False
 
 
 def _verify_plain(password: bytes, raw: bytes) -> bool:
@@ -241,12 +247,13 @@ def _verify_cram_md5(password: bytes, raw: bytes) -> bool:
 
 
 _SCHEME_TABLE: dict[str, _Scheme] = {
-    "PLAIN": _Scheme(_NONE, 0, _verify_plain),
-    "CLEAR": _Scheme(_NONE, 0, _verify_plain),
-    "CLEARTEXT": _Scheme(_NONE, 0, _verify_plain),
+    "PLAIN": _Scheme(_NONE, 0, _verify_plain, cheap=True),
+    "CLEAR": _Scheme(_NONE, 0, _verify_plain, cheap=True),
+    "CLEARTEXT": _Scheme(_NONE, 0, _verify_plain, cheap=True),
     "CRYPT": _Scheme(_NONE, 0, _verify_crypt),
     "DES-CRYPT": _Scheme(_NONE, 0, _verify_des),
     "MD5-CRYPT": _Scheme(_NONE, 0, _only((b"$1$",), _passlib(md5_crypt))),
+    # MD5's data may be MD5-CRYPT (a thousand rounds) as well as a digest.
     "MD5": _Scheme(_NONE, 0, _verify_md5),
     "SHA256-CRYPT": _Scheme(_NONE, 0, _only((b"$5$",), _passlib(sha256_crypt))),
     "SHA512-CRYPT": _Scheme(_NONE, 0, _only((b"$6$",), _passlib(sha512_crypt))),
@@ -254,20 +261,20 @@ _SCHEME_TABLE: dict[str, _Scheme] = {
     "ARGON2ID": _Scheme(_NONE, 0, _only((b"$argon2id$",), _verify_argon2)),
     "ARGON2I": _Scheme(_NONE, 0, _only((b"$argon2i$",), _verify_argon2)),
     "ARGON2": _Scheme(_NONE, 0, _only((b"$argon2id$", b"$argon2i$"), _verify_argon2)),
-    "SHA": _Scheme(_B64, 20, _digest("sha1")),
-    "SHA1": _Scheme(_B64, 20, _digest("sha1")),
-    "SHA256": _Scheme(_B64, 32, _digest("sha256")),
-    "SHA512": _Scheme(_B64, 64, _digest("sha512")),
-    "PLAIN-MD5": _Scheme(_HEX, 16, _digest("md5")),
-    "LDAP-MD5": _Scheme(_B64, 16, _digest("md5")),
-    "SMD5": _Scheme(_B64, 0, _salted("md5")),
-    "SSHA": _Scheme(_B64, 0, _salted("sha1")),
-    "SSHA256": _Scheme(_B64, 0, _salted("sha256")),
-    "SSHA512": _Scheme(_B64, 0, _salted("sha512")),
+    "SHA": _Scheme(_B64, 20, _digest("sha1"), cheap=True),
+    "SHA1": _Scheme(_B64, 20, _digest("sha1"), cheap=True),
+    "SHA256": _Scheme(_B64, 32, _digest("sha256"), cheap=True),
+    "SHA512": _Scheme(_B64, 64, _digest("sha512"), cheap=True),
+    "PLAIN-MD5": _Scheme(_HEX, 16, _digest("md5"), cheap=True),
+    "LDAP-MD5": _Scheme(_B64, 16, _digest("md5"), cheap=True),
+    "SMD5": _Scheme(_B64, 0, _salted("md5"), cheap=True),
+    "SSHA": _Scheme(_B64, 0, _salted("sha1"), cheap=True),
+    "SSHA256": _Scheme(_B64, 0, _salted("sha256"), cheap=True),
+    "SSHA512": _Scheme(_B64, 0, _salted("sha512"), cheap=True),
     "SCRAM-SHA-1": _Scheme(_NONE, 0, _scram("SHA-1")),
     "SCRAM-SHA-256": _Scheme(_NONE, 0, _scram("SHA-256")),
-    "CRAM-MD5": _Scheme(_HEX, hmac_md5.CONTEXT_SIZE, _verify_cram_md5),
-    "HMAC-MD5": _Scheme(_HEX, hmac_md5.CONTEXT_SIZE, _verify_cram_md5),
+    "CRAM-MD5": _Scheme(_HEX, hmac_md5.CONTEXT_SIZE, _verify_cram_md5, cheap=True),
+    "HMAC-MD5": _Scheme(_HEX, hmac_md5.CONTEXT_SIZE, _verify_cram_md5, cheap=True),
 }
 
 _PLAINTEXT_SCHEMES = frozenset({"PLAIN", "CLEAR", "CLEARTEXT"})
@@ -392,6 +399,24 @@ def verify_password(stored: str, password: bytes) -> bool:
         # Malformed data surfaces as ValueError, TypeError, UnicodeError...
         # from three libraries; whatever it is, it is not a match.
         return False
+
+
+def is_cheap(stored: str) -> bool:
+    """
+    Does verifying a password against C{stored} cost only a single fast
+    digest or compare (PLAIN and its kin, the unsalted and salted SHA and
+    MD5 digests, a CRAM-MD5 context)?  Callers run such checks inline
+    rather than paying for a thread hand-off.
+
+    C{False} for the deliberately slow schemes (crypt(3) variants, bcrypt,
+    Argon2, SCRAM's PBKDF2), for C{{MD5}} (its data may be MD5-CRYPT) and
+    for unknown or malformed values.  Never raises.
+    """
+    try:
+        parsed = _raw_value(stored)
+    except Exception:
+        return False
+    return parsed is not None and parsed[1].cheap
 
 
 def plaintext_of(stored: str) -> bytes | None:
