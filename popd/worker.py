@@ -74,10 +74,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.logger import Logger, globalLogBeginner
 
-    from popd.logging import worker_observer
+    from popd.logging import WorkerObserver
 
-    output = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
-    globalLogBeginner.beginLoggingTo([worker_observer(output)], redirectStandardIO=True)
+    output = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    observer = WorkerObserver(output)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=True)
     log = Logger(namespace="popd.worker")
 
     settings = _read_settings()
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     log.info("worker {index} running", index=arguments.index)
     reactor.run()
+    observer.flush()
     return 0
 
 

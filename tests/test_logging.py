@@ -13,9 +13,10 @@ import signal
 
 from helpers.ops_e2e import LaunchedPopd, wait_for
 from helpers.popd_e2e import RawPOP3, config_text, twistd_command
-from twisted.logger import Logger, LogPublisher, eventAsJSON
+from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel, LogPublisher, formatEvent
 
-from popd.logging import json_observer, relay_event
+from popd.logging import RELAY_DELAY, WorkerObserver, json_observer, relay_event
 
 
 def events_of(output: str) -> list[dict]:
@@ -44,21 +45,76 @@ def test_json_observer_keeps_fields_and_adds_text():
     assert event["log_level"]["name"] == "info"
 
 
-def test_relayed_worker_events_are_tagged():
+class RunningClock(Clock):
+    """
+    A reactor clock that says it is running, as a worker's reactor does.
+    """
+
+    running = True
+
+
+def relayed(observer_output: str) -> list[dict]:
+    """
+    What the master publishes for a worker's output.
+    """
     received: list[dict] = []
-    event = {
-        "log_format": "login user={user}",
-        "user": "jo",
-        "log_time": 1.0,
-        "log_namespace": "popd.protocol",
-    }
-    relay_event(eventAsJSON(event).encode() + b"\n", 2, 4242, received.append)
+    for line in observer_output.splitlines(keepends=True):
+        relay_event(line.encode(), 2, 4242, received.append)
+    return received
+
+
+def test_relayed_worker_events_are_tagged():
+    output = io.StringIO()
+    Logger(observer=WorkerObserver(output), namespace="popd.protocol").info(
+        "login user={user} {{braces}}", user="jo"
+    )
+    received = relayed(output.getvalue())
     relay_event(b"Fatal Python error: oops\n", 2, 4242, received.append)
     relay_event(b"\n", 2, 4242, received.append)
-    assert len(received) == 2
-    assert received[0]["user"] == "jo" and received[0]["worker"] == 2
-    assert received[0]["log_system"] == "worker 2 pid 4242"
+    assert len(received) == 2, "an empty line is no event"
+    event = received[0]
+    assert event["user"] == "jo" and event["worker"] == 2
+    assert event["log_system"] == "worker 2 pid 4242"
+    assert event["log_namespace"] == "popd.protocol"
+    assert event["log_level"] is LogLevel.info
+    assert formatEvent(event) == "login user=jo {braces}"
     assert received[1]["line"] == "Fatal Python error: oops"
+
+
+def test_relayed_failure_keeps_its_traceback():
+    output = io.StringIO()
+    try:
+        raise ZeroDivisionError("boom")
+    except ZeroDivisionError:
+        Logger(observer=WorkerObserver(output)).failure("command failed")
+    (event,) = relayed(output.getvalue())
+    assert event["log_level"] is LogLevel.critical
+    text = formatEvent(event)
+    assert text.startswith("command failed")
+    assert "ZeroDivisionError" in text and "Traceback" in text
+
+
+def test_worker_lines_wait_a_moment_but_warnings_do_not():
+    output = io.StringIO()
+    clock = RunningClock()
+    log = Logger(observer=WorkerObserver(output, clock))
+    log.info("first")
+    log.info("second")
+    assert output.getvalue() == ""
+    clock.advance(RELAY_DELAY)
+    assert [formatEvent(e) for e in relayed(output.getvalue())] == ["first", "second"]
+    log.info("third")
+    log.warn("trouble")
+    texts = [formatEvent(e) for e in relayed(output.getvalue())]
+    assert texts[-2:] == ["third", "trouble"]
+    assert clock.getDelayedCalls() == []
+
+
+def test_worker_lines_go_at_once_without_a_running_reactor():
+    output = io.StringIO()
+    observer = WorkerObserver(output, Clock())
+    Logger(observer=observer).info("starting")
+    assert formatEvent(relayed(output.getvalue())[0]) == "starting"
 
 
 def test_json_log_on_standard_output(popd_factory):
