@@ -47,6 +47,8 @@ def record(
         "record",
         "--pid",
         str(pid),
+        # popd's workers are the master's children.
+        "--subprocesses",
         "--duration",
         str(int(seconds)),
         "--rate",

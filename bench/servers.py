@@ -257,6 +257,8 @@ class Popd(Server):
         config = f"""\
 [server]
 data_dir = "{self.dir / "data"}"
+# One worker process per core, as Dovecot runs one process per core here.
+workers = "auto"
 
 [pop3]
 listen = ["tcp:{self.port}:interface=127.0.0.1"]
