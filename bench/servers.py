@@ -306,8 +306,10 @@ listen = []
 
     def forget(self, user: str) -> None:
         maildir = maildata.maildir_of(self.ws.mail_root, user)
-        for name in ("popd-sizes", "popd-retrieved", "popd-uids"):
+        for name in ("popd-sizes", "popd-retrieved", "popd-uids", "popd-index"):
             (maildir / name).unlink(missing_ok=True)
+        # The workers keep snapshots in memory too.
+        self.restart()
 
 
 class TwistedPOP3(Server):

@@ -56,6 +56,12 @@ cut off by a crash is ignored:
     and links the message into C{new/}: the map entry is durable before the
     message is visible); C{commit} takes it to drop the lines of messages
     that are gone.  Losing this file changes those UIDs.
+  - C{popd-index}: the last settled snapshot (every message's place, UID,
+    size and retrieval time, with the stamps of what it was built from),
+    as JSON, so another worker process or a restarted popd need not scan
+    an unchanged Maildir.  Written after the login that built it, replaced
+    atomically, not fsynced, checked field by field when read (it is the
+    Maildir owner's to write): losing or breaking it only costs a scan.
 """
 
 from __future__ import annotations
@@ -65,17 +71,20 @@ import errno
 import fcntl
 import hashlib
 import itertools
+import json
 import os
 import re
 import socket
 import stat
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from popd.interfaces import (
@@ -101,7 +110,7 @@ from popd.maildrops.snapshot_cache import (
     is_settled,
 )
 from popd.maildrops.threads import BlockingRunner, translating_os_errors
-from popd.stream import WireSizeCounter
+from popd.stream import WireSizeCounter, wire_size
 
 #: How much of a message is read or copied at a time.
 CHUNK_SIZE = 64 * 1024
@@ -112,6 +121,10 @@ _SIZE_CACHE_HEADER = b"popd-sizes 1\n"
 RETRIEVED_FILE = "popd-retrieved"
 _RETRIEVED_HEADER = b"popd-retrieved 1\n"
 UID_MAP_FILE = "popd-uids"
+INDEX_FILE = "popd-index"
+_INDEX_VERSION = 2
+_INDEX_NAMES = re.compile(r"(?:(?:new|cur)/[^./\n\0][^/\n\0]*\n)*")
+_INDEX_UIDS = re.compile(r"(?:[!-~]{1,70}\n)*")
 UID_MAP_LOCK_FILE = "popd-uids.lock"
 _UID_MAP_HEADER = b"popd-uids 1\n"
 DOVECOT_UIDLIST_FILE = "dovecot-uidlist"
@@ -125,10 +138,10 @@ _W_FIELD = re.compile(r",W=([0-9]+)(?=,|\Z)")
 _LEADING_NUMBER = re.compile(r"[0-9]+")
 _NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP})
 _delivery_counter = itertools.count(1)
-#: Reading this many messages' sizes at once is shared among
-#: L{_SIZE_THREADS} threads.
-_PARALLEL_SIZES_FROM = 2000
-_SIZE_THREADS = 4
+_log = Logger()
+# How os.fsdecode decodes file names; popd's files are decoded whole.
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
 #: The default of L{MaildirProvider}'s C{cache_messages}.
 DEFAULT_CACHE_MESSAGES = 250_000
 
@@ -163,12 +176,19 @@ def is_valid_uid(uid: object) -> bool:
 @dataclass(slots=True)
 class _Message:
     """
-    One message of a snapshot, with where it was last seen.
+    One message of a snapshot (L{_Snapshot.message}): where it is in the
+    snapshot, its base name, where it was last seen and what a session
+    lists of it.
     """
 
+    index: int
     base: str
     path: str
     info: MessageInfo
+
+
+def _base_of(path: str) -> str:
+    return base_name(path.rpartition(os.sep)[2])
 
 
 @implementer(IMaildropProvider)
@@ -191,6 +211,8 @@ class MaildirProvider:
     @param cache_messages: how many messages' snapshots to keep in memory
         (about 300 bytes each), so a login to an unchanged Maildir does not
         scan it again (see L{popd.maildrops.snapshot_cache}); 0 keeps none.
+    @param index: also keep each Maildir's snapshot in its C{popd-index}
+        file, for the other worker processes and after a restart.
     @param reactor: the reactor to report results on (default: the global
         one, looked up when first needed).
     @param threadpool: where blocking work runs (default: the reactor's).
@@ -205,6 +227,7 @@ class MaildirProvider:
         dovecot_uidl: bool = True,
         dovecot_uidl_format: str = DOVECOT_DEFAULT_UIDL_FORMAT,
         cache_messages: int = DEFAULT_CACHE_MESSAGES,
+        index: bool = True,
         reactor: Any = None,
         threadpool: Any = None,
     ) -> None:
@@ -212,10 +235,11 @@ class MaildirProvider:
         self._template = path_template
         self._create = create
         self._dovecot = _DovecotUidl(dovecot_uidl_format) if dovecot_uidl else None
+        self._index = index
         self._snapshots: BoundedCache[str, _Snapshot] | None = None
         if cache_messages > 0:
             self._snapshots = BoundedCache(
-                cache_messages, lambda snapshot: len(snapshot.messages) + 1
+                cache_messages, lambda snapshot: len(snapshot.infos) + 1
             )
         self._runner = BlockingRunner(reactor, threadpool)
 
@@ -309,10 +333,19 @@ class MaildirProvider:
                 lock.release()
             raise
         try:
-            snapshot = _snapshot(root, self._dovecot, self._snapshots)
+            snapshot = _snapshot(root, self._dovecot, self._snapshots, self._index)
         except BaseException:
             lock.release()
             raise
+        index = self._index and snapshot.worth_saving
+        if index or snapshot.unsaved_sizes is not None:
+            # For the other worker processes and the next start: the
+            # session need not wait for it.
+            snapshot.saved = snapshot.saved or index
+            sizes, snapshot.unsaved_sizes = snapshot.unsaved_sizes, None
+            self._run(_save_snapshot, root, snapshot, index, sizes).addErrback(
+                _not_saved
+            )
         return MaildirMaildrop(root, snapshot, lock, self._run)
 
     def _deliver_blocking(
@@ -406,7 +439,7 @@ class MaildirMaildrop:
     ) -> None:
         self.root = root
         self.messages = snapshot.infos
-        self._messages = snapshot.messages
+        self._snapshot = snapshot
         self._lock = lock
         self._run = run
         self._closed = False
@@ -464,9 +497,9 @@ class MaildirMaildrop:
         return succeed(None)
 
     def _message(self, index: int) -> _Message:
-        if not 0 <= index < len(self._messages):
+        if not 0 <= index < len(self.messages):
             raise IndexError(f"no message at index {index}")
-        return self._messages[index]
+        return self._snapshot.message(index)
 
     def _read_moved(self, message: _Message) -> BinaryIO:
         """
@@ -477,12 +510,12 @@ class MaildirMaildrop:
             raise MaildropError(
                 f"message {message.info.uid} was removed by another program"
             )
-        message.path = path
+        self._snapshot.paths[message.index] = path
         return _open_message(path)
 
     def _commit_blocking(self, doomed: list[_Message], fetched: list[_Message]) -> None:
         try:
-            _record_retrievals(self.root, self._messages, doomed, fetched)
+            _record_retrievals(self.root, self._snapshot.bases(), doomed, fetched)
             for message in doomed:
                 _remove(self.root, message)
             if doomed:
@@ -542,7 +575,8 @@ class _Snapshot:
     @ivar directories: the stamps of C{new/} and C{cur/}.
     @ivar tables: the stamps of C{popd-uids}, C{dovecot-uidlist} (when
         read) and C{popd-retrieved}.
-    @ivar messages: the messages in delivery order.
+    @ivar paths: where each message was last seen, in delivery order (a
+        session that finds one moved updates it).
     @ivar infos: their L{MessageInfo}s, as a session lists them.
     """
 
@@ -550,8 +584,27 @@ class _Snapshot:
     directories_settled: bool
     tables: tuple[Stamp, Stamp, Stamp]
     tables_settled: bool
-    messages: list[_Message]
+    paths: list[str]
     infos: tuple[MessageInfo, ...]
+    #: Whether C{popd-index} holds this snapshot (or is being written).
+    saved: bool = False
+    #: Sizes read for this snapshot, not yet in C{popd-sizes}.
+    unsaved_sizes: _SizeCache | None = None
+
+    @property
+    def worth_saving(self) -> bool:
+        """
+        Whether to write this snapshot to C{popd-index}: it is not there yet
+        and another process could reuse it.
+        """
+        return not self.saved and self.directories_settled and self.tables_settled
+
+    def message(self, index: int) -> _Message:
+        path = self.paths[index]
+        return _Message(index, _base_of(path), path, self.infos[index])
+
+    def bases(self) -> list[str]:
+        return [_base_of(path) for path in self.paths]
 
     def listing_reusable(self, directories: tuple[Stamp, Stamp]) -> bool:
         return self.directories_settled and self.directories == directories
@@ -570,48 +623,179 @@ def _snapshot(
     root: str,
     dovecot: _DovecotUidl | None = None,
     cache: BoundedCache[str, _Snapshot] | None = None,
+    index: bool = False,
 ) -> _Snapshot:
     """
     List the messages in C{new/} and C{cur/} with their UIDs, CRLF sizes
     and retrieval times, in delivery order.
 
-    With a C{cache}, a snapshot of an unchanged Maildir is reused whole;
+    With a C{cache} (or, failing that, with C{index}: the one in
+    C{popd-index}), a snapshot of an unchanged Maildir is reused whole;
     when only popd's files changed, the directory listing and sizes are;
     otherwise the sizes of messages seen before are.
     """
     looked_at, directories, tables = _stamps(root, dovecot)
     previous = cache.get(root) if cache is not None else None
+    if previous is None and index:
+        previous = _load_index(root)
     if previous is not None and previous.reusable(directories, tables):
+        if cache is not None:
+            cache.put(root, previous)
         return previous
     records = dovecot.records(root) if dovecot is not None else {}
+    sizes = None
     if previous is not None and previous.listing_reusable(directories):
-        found = [(m.base, m.path, m.info.size) for m in previous.messages]
+        found = [
+            (_base_of(path), path, info.size)
+            for path, info in zip(previous.paths, previous.infos, strict=True)
+        ]
     else:
         known = None
         if previous is not None:
             known = {
-                m.base: m.info.size
-                for m in previous.messages
-                if _size_from_name(m.base) is None
+                base: info.size
+                for base, info in zip(previous.bases(), previous.infos, strict=True)
+                if _size_from_name(base) is None
             }
-        found = _listing(root, records, known)
-    retrieved = _load_table(os.path.join(root, RETRIEVED_FILE), _RETRIEVED_HEADER) or {}
+        found, sizes = _listing(root, records, known)
+    retrieved = _retrieval_times(root)
     uids = _assign_uids(root, [base for base, _, _ in found], dovecot, records)
-    messages = [
-        _Message(base, path, MessageInfo(uids[base], size, _time(retrieved, base)))
-        for base, path, size in found
-    ]
     snapshot = _Snapshot(
         directories,
         is_settled(directories, looked_at),
         tables,
         is_settled(tables, looked_at),
-        messages,
-        tuple(message.info for message in messages),
+        [path for _, path, _ in found],
+        tuple(
+            MessageInfo(uids[base], size, retrieved.get(base))
+            for base, _, size in found
+        ),
+        unsaved_sizes=sizes if sizes is not None and sizes.changed else None,
     )
     if cache is not None:
         cache.put(root, snapshot)
     return snapshot
+
+
+def _load_index(root: str) -> _Snapshot | None:
+    """
+    The snapshot saved in C{popd-index}, or C{None} if there is none or it
+    is not in the form L{_save_index} writes (the file only saves time, and
+    belongs to whoever owns the Maildir: it is checked, never trusted).
+    """
+    try:
+        with open(os.path.join(root, INDEX_FILE), "rb") as index_file:
+            data = index_file.read().decode("utf-8", "surrogateescape")
+        version, directories, tables, names, rows = json.loads(data)
+        if version != _INDEX_VERSION or len(directories) != 2 or len(tables) != 3:
+            return None
+        if len(names) != len(rows) or not _indexed_names_valid(names):
+            return None
+        infos = tuple(map(MessageInfo._make, rows))
+        if not all(len(info) == 3 for info in infos):
+            return None
+        if not _indexed_infos_valid(infos):
+            return None
+        return _Snapshot(
+            (_indexed_stamp(directories[0]), _indexed_stamp(directories[1])),
+            True,
+            tuple(_indexed_stamp(stamp) for stamp in tables),
+            True,
+            [root + os.sep + name for name in names],
+            infos,
+            saved=True,
+        )
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _indexed_stamp(stamp: Any) -> Stamp:
+    if stamp is None:
+        return None
+    if len(stamp) != 4 or not all(type(field) is int for field in stamp):
+        raise ValueError("not a stamp")
+    return tuple(stamp)
+
+
+def _indexed_names_valid(names: list[Any]) -> bool:
+    """
+    Whether every name is C{new/<name>} or C{cur/<name>}, the name not
+    starting with a dot and holding no slash, LF or NUL.  One regular
+    expression over them all: this is most of the time a later login takes.
+    """
+    joined = "\n".join(names)
+    return (
+        joined.count("\n") == len(names) - 1 or not names
+    ) and _INDEX_NAMES.fullmatch(joined + "\n" if names else "") is not None
+
+
+def _indexed_infos_valid(infos: tuple[MessageInfo, ...]) -> bool:
+    """
+    Whether every UID could be a UIDL, every size is a count and every
+    retrieval time a number or C{None}.
+    """
+    uids = "\n".join(info.uid for info in infos)
+    return (
+        (uids.count("\n") == len(infos) - 1 or not infos)
+        and _INDEX_UIDS.fullmatch(uids + "\n" if infos else "") is not None
+        and all(type(info.size) is int and info.size >= 0 for info in infos)
+        and all(
+            info.retrieved_at is None or type(info.retrieved_at) in (int, float)
+            for info in infos
+        )
+    )
+
+
+def _save_index(root: str, snapshot: _Snapshot) -> None:
+    """
+    Write C{snapshot} to C{popd-index}, replacing it atomically; no fsync:
+    losing it only costs a scan.  Several processes may write at once.
+    """
+    start = len(root) + 1
+    data = json.dumps(
+        [
+            _INDEX_VERSION,
+            snapshot.directories,
+            snapshot.tables,
+            [path[start:] for path in snapshot.paths],
+            [(info.uid, info.size, info.retrieved_at) for info in snapshot.infos],
+        ],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode("utf-8", "surrogateescape")
+    path = os.path.join(root, INDEX_FILE)
+    tmp_path = _tmp_path(path)
+    try:
+        with open(tmp_path, "wb") as out:
+            out.write(data)
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_path)
+        raise
+
+
+def _save_snapshot(
+    root: str, snapshot: _Snapshot, index: bool, sizes: _SizeCache | None
+) -> None:
+    """
+    Keep what a scan found for next time: sizes it read in C{popd-sizes},
+    and the whole snapshot in C{popd-index} if C{index}.
+    """
+    if sizes is not None:
+        sizes.save_if_changed()
+    if index:
+        _save_index(root, snapshot)
+
+
+def _not_saved(failure: Any) -> None:
+    """
+    A failure to write C{popd-index} or C{popd-sizes} is not worth a
+    session: the next login scans or reads instead.  Only the unexpected is
+    logged.
+    """
+    if not failure.check(MaildropError):
+        _log.failure("saving a Maildir's snapshot", failure)
 
 
 def _stamps(
@@ -650,14 +834,15 @@ def _reusable_snapshot(
 
 def _listing(
     root: str, records: dict[str, dict[str, str]], known: dict[str, int] | None
-) -> list[tuple[str, str, int]]:
+) -> tuple[list[tuple[str, str, int]], _SizeCache]:
     """
     The C{(base name, path, CRLF size)} of each message in delivery order.
 
     A size comes from the name's C{,W=} field, else C{known} (sizes seen
     by an earlier snapshot) or the C{popd-sizes} file, else Dovecot's
-    record, else reading the message; sizes read are saved in
-    C{popd-sizes}.  A message that vanishes meanwhile is left out.
+    record, else reading the message; sizes read are for C{popd-sizes}
+    (L{_SizeCache.save_if_changed}, which the caller runs once the session
+    has its snapshot).  A message that vanishes meanwhile is left out.
     """
     cache = _SizeCache(os.path.join(root, SIZE_CACHE_FILE), known)
     found = []
@@ -671,22 +856,24 @@ def _listing(
         if size is None:
             unsized.append(len(found))
         found.append((base, path, size))
-    sizes = _computed_sizes([found[index][1] for index in unsized])
-    for index, size in zip(unsized, sizes, strict=True):
+    for index in unsized:
         base, path, _ = found[index]
+        size = _computed_size(path)
         found[index] = (base, path, size)
         if size is not None:
             cache.put(base, size)
     found = [entry for entry in found if entry[2] is not None]
-    cache.save_if_changed(base for base, _, _ in found)
-    return found
+    cache.live = [base for base, _, _ in found]
+    return found, cache
 
 
-def _time(table: dict[str, str], base: str) -> float | None:
-    value = table.get(base)
-    if value is None or not value.isdigit():
-        return None
-    return float(value)
+def _retrieval_times(root: str) -> dict[str, float]:
+    """
+    When each message was first retrieved, by base name, from
+    C{popd-retrieved}; a malformed line counts as never.
+    """
+    table = _load_table(os.path.join(root, RETRIEVED_FILE), _RETRIEVED_HEADER) or {}
+    return {base: float(value) for base, value in table.items() if value.isdigit()}
 
 
 def _assign_uids(
@@ -749,29 +936,22 @@ def _size_from_name(base: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _computed_sizes(paths: list[str]) -> Iterator[int | None]:
-    """
-    The CRLF sizes of messages by reading them (see L{_computed_size}), in
-    order.  Many are read by a few threads at once: the reads and the
-    counting release the GIL, and a first login to a large Maildir reads
-    them all.
-    """
-    if len(paths) < _PARALLEL_SIZES_FROM:
-        return map(_computed_size, paths)
-    with ThreadPoolExecutor(_SIZE_THREADS, "popd-maildir-sizes") as pool:
-        return iter(list(pool.map(_computed_size, paths, chunksize=256)))
-
-
 def _computed_size(path: str) -> int | None:
     """
     The CRLF size of a message by reading it, or C{None} if it vanished or
-    is no longer a regular file.
+    is no longer a regular file.  A message no larger than L{CHUNK_SIZE}
+    (most are) takes one C{read}.
     """
     try:
-        fd = _open_message_fd(path)
+        fd, stored = _open_message_fd(path)
     except (FileNotFoundError, _NotRegularFileError):
         return None
     try:
+        if stored < CHUNK_SIZE:
+            data = os.read(fd, CHUNK_SIZE)
+            if len(data) <= stored:
+                return wire_size(data)
+            os.lseek(fd, 0, os.SEEK_SET)
         counter = WireSizeCounter()
         while chunk := os.read(fd, CHUNK_SIZE):
             counter.feed(chunk)
@@ -792,14 +972,15 @@ def _open_message(path: str) -> BinaryIO:
     not a regular file: a user with shell access must not be able to read
     other files through popd.
     """
-    return os.fdopen(_open_message_fd(path), "rb", buffering=0)
+    fd, _ = _open_message_fd(path)
+    return os.fdopen(fd, "rb", buffering=0)
 
 
-def _open_message_fd(path: str) -> int:
+def _open_message_fd(path: str) -> tuple[int, int]:
     """
-    L{_open_message}, as a descriptor.  C{O_NONBLOCK} keeps a FIFO put in
-    the message's place from blocking the open; it changes nothing for a
-    regular file.
+    L{_open_message}, as a descriptor and the file's size.  C{O_NONBLOCK}
+    keeps a FIFO put in the message's place from blocking the open; it
+    changes nothing for a regular file.
     """
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
@@ -809,12 +990,13 @@ def _open_message_fd(path: str) -> int:
             raise _NotRegularFileError(errno.ELOOP, "not a regular file", path) from e
         raise
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise _NotRegularFileError(errno.EINVAL, "not a regular file", path)
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, st.st_size
 
 
 def _find(root: str, base: str) -> str | None:
@@ -953,7 +1135,7 @@ def _prune_uid_map(root: str) -> None:
 
 
 def _record_retrievals(
-    root: str, messages: list[_Message], doomed: list[_Message], fetched: list[_Message]
+    root: str, bases: list[str], doomed: list[_Message], fetched: list[_Message]
 ) -> None:
     """
     Rewrite C{popd-retrieved} if a message was retrieved for the first time
@@ -962,11 +1144,7 @@ def _record_retrievals(
     path = os.path.join(root, RETRIEVED_FILE)
     old = _load_table(path, _RETRIEVED_HEADER) or {}
     gone = {message.base for message in doomed}
-    table = {
-        message.base: old[message.base]
-        for message in messages
-        if message.base in old and message.base not in gone
-    }
+    table = {base: old[base] for base in bases if base in old and base not in gone}
     now = str(int(time.time()))
     for message in fetched:
         if message.base not in gone:
@@ -1042,13 +1220,22 @@ def _load_table(path: str, header: bytes) -> dict[str, str] | None:
         return {}
     if not data.startswith(header):
         return None
+    text = data[len(header) :].decode(_FS_ENCODING, _FS_ERRORS)
     table = {}
-    for line in data[len(header) :].split(b"\n")[:-1]:
-        name, _, value = line.rpartition(b" ")
+    for line in text.split("\n")[:-1]:
+        name, _, value = line.rpartition(" ")
         if not name or not value:
             return None
-        table[os.fsdecode(name)] = os.fsdecode(value)
+        table[name] = value
     return table
+
+
+def _tmp_path(path: str) -> str:
+    """
+    Where to write a new C{path} before renaming it over: a name of this
+    process and thread's own, as two workers may save the same file.
+    """
+    return f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
 
 
 def _save_table(path: str, header: bytes, table: dict[str, str]) -> None:
@@ -1062,7 +1249,7 @@ def _save_table(path: str, header: bytes, table: dict[str, str]) -> None:
         for name, value in table.items()
         if "\n" not in name
     ]
-    tmp_path = path + ".tmp"
+    tmp_path = _tmp_path(path)
     try:
         with open(tmp_path, "wb") as out:
             out.writelines(lines)
@@ -1090,6 +1277,8 @@ class _SizeCache:
         self._sizes = dict(known or ())
         self._loaded = False
         self._changed = False
+        #: The base names of the messages still there, whose sizes to keep.
+        self.live: list[str] = []
 
     def get(self, base: str) -> int | None:
         size = self._sizes.get(base)
@@ -1104,15 +1293,24 @@ class _SizeCache:
             self._sizes[base] = size
             self._changed = True
 
-    def save_if_changed(self, live: Iterable[str]) -> None:
+    @property
+    def changed(self) -> bool:
+        """
+        Whether sizes were added since the file was read.
+        """
+        return self._changed
+
+    def save_if_changed(self) -> None:
         """
         If sizes were added, rewrite the file atomically, keeping only the
-        entries of C{live} base names.  A failure to write is ignored: the
-        cache only saves time.
+        entries of the L{live} base names.  A failure to write is ignored:
+        the cache only saves time.
         """
         if not self._changed:
             return
-        table = {base: str(self._sizes[base]) for base in live if base in self._sizes}
+        table = {
+            base: str(self._sizes[base]) for base in self.live if base in self._sizes
+        }
         with contextlib.suppress(OSError):
             _save_table(self._path, _SIZE_CACHE_HEADER, table)
 
