@@ -14,7 +14,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-BATCH = 512
+#: About how many octets each write carries: the transport pauses the
+#: producer once its buffer holds more than 64 KiB.
+WRITE_SIZE = 32 * 1024
 
 
 @implementer(IPushProducer)
@@ -37,13 +39,17 @@ class _LineProducer:
         self._writing = True
         try:
             while not self._paused:
-                batch = [
-                    line for _, line in zip(range(BATCH), self._lines, strict=False)
-                ]
+                batch = []
+                size = 0
+                for line in self._lines:
+                    batch.append(line)
+                    size += len(line)
+                    if size >= WRITE_SIZE:
+                        break
                 if not batch:
                     self._finish()
                     return
-                self._consumer.writeSequence(batch)
+                self._consumer.write(b"".join(batch))
         finally:
             self._writing = False
 
