@@ -14,7 +14,7 @@ import threading
 
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from popd.auth.chain import CheckerChain
 from popd.auth.factories import build_checkers
-from popd.auth.passwdfile import PasswdFile
+from popd.auth.passwdfile import STALE, PasswdEntry, PasswdFile
 from popd.config import ConfigError, Settings
 from popd.interfaces import IMaildropProvider
 from popd.maildrops.maildir import MaildirProvider
@@ -258,18 +258,31 @@ def passwd_file_expire(settings: Settings):
     if not files:
         return None
 
+    def expire_of(entry: PasswdEntry) -> str | None:
+        value = entry.extra.get("expire")
+        if value is not None and (value == "NEVER" or value.isdigit()):
+            return value
+        return None
+
     def read(avatar_id: str) -> str | None:
         for passwd_file in files:
             entry = passwd_file.lookup(avatar_id)
             if entry is not None:
-                value = entry.extra.get("expire")
-                if value is not None and (value == "NEVER" or value.isdigit()):
-                    return value
-                return None
+                return expire_of(entry)
         return None
 
-    # The passwd-file may need re-reading: never on the reactor thread.
-    return lambda avatar_id: deferToThread(read, avatar_id)
+    def user_expire(avatar_id: str) -> Deferred:
+        # What the files said less than a second ago is answered at once;
+        # reading them again is never done on the reactor thread.
+        for passwd_file in files:
+            entry = passwd_file.cached_lookup(avatar_id)
+            if entry is STALE:
+                return deferToThread(read, avatar_id)
+            if entry is not None:
+                return succeed(expire_of(entry))
+        return succeed(None)
+
+    return user_expire
 
 
 def build_policy(settings: Settings) -> SessionPolicy:

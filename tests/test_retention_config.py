@@ -47,3 +47,16 @@ def test_no_passwd_file_no_lookup(tmp_path):
     settings = load_settings(config)
     assert passwd_file_expire(settings) is None
     assert not build_policy(settings).per_user_expire
+
+
+def test_user_expire_answered_at_once_once_read(tmp_path):
+    (tmp_path / "passwd").write_text("alice:{PLAIN}pw::::::expire=7\n")
+    config = tmp_path / "popd.toml"
+    config.write_text(f'[server]\ndata_dir = "{tmp_path}"\n')
+    lookup = passwd_file_expire(load_settings(config))
+    first = lookup("alice")
+    assert not first.called, "the file is first read in a thread"
+    assert wait_for(first) == "7"
+    again, stranger = lookup("alice"), lookup("nobody")
+    assert again.called and stranger.called, "fresh answers come at once"
+    assert wait_for(again) == "7" and wait_for(stranger) is None
