@@ -156,6 +156,20 @@ class _Metrics:
             buckets=_LATENCY_BUCKETS,
         )
         self._mechanisms: set[str] = set()
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *values: str):
+        """
+        C{metric.labels(*values)}, remembered: prometheus_client checks the
+        values and takes a lock on every call, several times a session.
+        The label values are few (commands, outcomes, listeners, at most
+        L{MAX_MECHANISM_LABELS} mechanisms).
+        """
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def mechanism(self, name: str) -> str:
         name = name.upper()
@@ -190,20 +204,20 @@ def available() -> bool:
 def connection_opened(listener: str) -> None:
     m = _get()
     if m is not None:
-        m.connections.labels(listener).inc()
-        m.connections_open.labels(listener).inc()
+        m.child(m.connections, listener).inc()
+        m.child(m.connections_open, listener).inc()
 
 
 def connection_closed(listener: str) -> None:
     m = _get()
     if m is not None:
-        m.connections_open.labels(listener).dec()
+        m.child(m.connections_open, listener).dec()
 
 
 def connection_refused(reason: str) -> None:
     m = _get()
     if m is not None:
-        m.connections_refused.labels(reason).inc()
+        m.child(m.connections_refused, reason).inc()
 
 
 def login(outcome: str, mechanism: str, started: float | None = None) -> None:
@@ -215,11 +229,11 @@ def login(outcome: str, mechanism: str, started: float | None = None) -> None:
     m = _get()
     if m is None:
         return
-    m.logins.labels(outcome, m.mechanism(mechanism)).inc()
+    m.child(m.logins, outcome, m.mechanism(mechanism)).inc()
     if outcome == "in_use":
         m.lock_conflicts.inc()
     if started is not None:
-        m.login_seconds.labels(outcome).observe(time.perf_counter() - started)
+        m.child(m.login_seconds, outcome).observe(time.perf_counter() - started)
 
 
 def session_started() -> None:
@@ -242,8 +256,8 @@ def command(name: str, started: float) -> None:
     if m is None:
         return
     label = name if name in COMMANDS else "other"
-    m.commands.labels(label).inc()
-    m.command_seconds.labels(label).observe(time.perf_counter() - started)
+    m.child(m.commands, label).inc()
+    m.child(m.command_seconds, label).observe(time.perf_counter() - started)
 
 
 def command_done(name: str, started: float, waiting) -> object:
@@ -276,9 +290,9 @@ def delivery(protocol: str, outcome: str, started: float | None = None) -> None:
     m = _get()
     if m is None:
         return
-    m.deliveries.labels(protocol, outcome).inc()
+    m.child(m.deliveries, protocol, outcome).inc()
     if started is not None:
-        m.delivery_seconds.labels(protocol).observe(time.perf_counter() - started)
+        m.child(m.delivery_seconds, protocol).observe(time.perf_counter() - started)
 
 
 # Serving them

@@ -232,5 +232,7 @@ def test_metrics_summed_over_workers(popd_factory):
     assert value(text, "popd_commands_total", command="QUIT") == logins
     # Each session is counted by the worker that served it, and those are
     # several processes (their pids in the session lines).
+    # Workers write their log lines up to RELAY_DELAY late.
+    wait_for(lambda: server.output().count("session end user=max") == logins)
     pids = set(re.findall(r"session end user=max .* pid=(\d+)", server.output()))
     assert pids
