@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import io
 import re
+from itertools import cycle, pairwise
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred
@@ -20,6 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from popd.stream import (
+    _CHUNKS_PER_TURN,
     SendAborted,
     WireEncoder,
     WireSizeCounter,
@@ -93,6 +95,38 @@ class SlowConsumer:
             self.producer = None
 
 
+class RecordingTransport(StringTransport):
+    """
+    A L{StringTransport} that records the producer calls it gets, and can
+    lose the connection from within a write.
+
+    @ivar calls: C{("register", streaming)} and C{("unregister",)} in order.
+    @ivar registered: the producer registered last.
+    """
+
+    def __init__(self, lose_at_write: int | None = None) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+        self.registered = None
+        self.writes = 0
+        self._lose_at_write = lose_at_write
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self.calls.append(("register", streaming))
+        self.registered = producer
+        super().registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.calls.append(("unregister",))
+        super().unregisterProducer()
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.writes += 1
+        if self.writes == self._lose_at_write:
+            self.producer.stopProducing()
+
+
 class TurnClock:
     """
     The C{callLater} of a reactor, run one turn at a time: unlike L{Clock},
@@ -160,7 +194,9 @@ def send(
 
 def reference(message: bytes, body_lines: int | None = None) -> tuple[bytes, int]:
     """
-    The wire form of C{message} and its size, computed line by line.
+    The wire form of C{message} and its size, computed line by line: split
+    on LF, drop the CR of a CRLF, cut for TOP after the first empty line,
+    stuff a leading dot, end every line with CRLF and add the terminator.
     """
     *terminated, last = message.split(b"\n")
     lines = [(line.removesuffix(b"\r"), b"\r\n") for line in terminated]
@@ -209,6 +245,43 @@ messages = st.lists(
     ),
     max_size=40,
 ).map(b"".join)
+
+# Messages built of lines rather than octets: LF, CRLF and bare CR line
+# endings, empty lines (the end of the header block for TOP), dots leading
+# lines, ending lines and ending the message, a last line with no ending.
+mail_lines = st.lists(
+    st.tuples(
+        st.sampled_from([b"", b".", b"..", b".x", b"\r.", b"\r"]),
+        st.sampled_from([b"", b"text", b"a.b", b" .", b"\xff\x00", b"\r\r"]),
+        st.sampled_from([b"\n", b"\n", b"\r\n", b"\r\n", b"\r", b""]),
+    ).map(b"".join),
+    max_size=30,
+).map(b"".join)
+
+
+@st.composite
+def cut_points(draw: st.DrawFn, message: bytes) -> list[int]:
+    """
+    Where to split C{message} into chunks: anywhere, and in particular just
+    before and after its dots, CRs and LFs.
+    """
+    anywhere = draw(st.sets(st.integers(0, len(message)), max_size=10))
+    special = [
+        i + shift
+        for i, octet in enumerate(message)
+        for shift in (0, 1)
+        if octet in b".\r\n"
+    ]
+    near = draw(st.sets(st.sampled_from(special))) if special else set()
+    return sorted(anywhere | near)
+
+
+def cut(message: bytes, points: list[int]) -> list[bytes]:
+    """
+    C{message} split at C{points}, which are sorted.
+    """
+    bounds = [0, *points, len(message)]
+    return [message[start:end] for start, end in pairwise(bounds)]
 
 
 @pytest.mark.parametrize(
@@ -374,6 +447,66 @@ def test_matches_reference(
         assert unstuff(wire) == expected
 
 
+@settings(max_examples=500, deadline=None)
+@given(st.data(), mail_lines, st.none() | st.integers(0, 6))
+def test_encoder_matches_reference_at_any_cut(
+    data: st.DataObject, message: bytes, body_lines: int | None
+) -> None:
+    """
+    Whatever the chunks, including empty ones and boundaries at dots, CRs
+    and LFs, the encoder returns what the line-by-line reference does.
+    """
+    chunks = cut(message, data.draw(cut_points(message)))
+    encoder = WireEncoder(body_lines)
+    wire = b"".join(map(encoder.feed, chunks)) + encoder.finish()
+    assert (wire, encoder.size) == reference(message, body_lines)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.data(),
+    mail_lines,
+    st.none() | st.integers(0, 6),
+    st.integers(1, 40),
+    st.integers(0, 60),
+)
+def test_send_matches_reference_under_back_pressure(
+    data: st.DataObject,
+    message: bytes,
+    body_lines: int | None,
+    chunk_size: int,
+    buffer_size: int,
+) -> None:
+    """
+    A client reading at random moments, between random turns of the
+    reactor, gets what the reference sends, and the Deferred fires once.
+    """
+    consumer = SlowConsumer(buffer_size)
+    clock = TurnClock()
+    file = CountingFile(message)
+    d = send_message(consumer, file, body_lines, chunk_size=chunk_size, clock=clock)
+    fired = []
+    d.addBoth(fired.append)
+    # Whether the client reads (True) or the reactor turns, in a cycle that
+    # does both, so that each cycle sends at least one more chunk.
+    steps = data.draw(st.lists(st.booleans(), max_size=8)) + [True, False]
+    schedule = cycle(steps)
+    for _ in range(len(steps) * (len(message) + 2)):
+        if fired:
+            break
+        assert consumer.producer is not None
+        if next(schedule):
+            consumer.drain()
+        else:
+            clock.turn()
+    consumer.drain()
+    wire, size = reference(message, body_lines)
+    assert (consumer.received, fired) == (wire, [size])
+    assert file.closed
+    assert consumer.producer is None
+    assert clock.pending == []
+
+
 @pytest.mark.parametrize(("body_lines", "chunk_size"), [(-1, 65536), (None, 0)])
 def test_bad_arguments_refused(body_lines: int | None, chunk_size: int) -> None:
     transport = StringTransport()
@@ -385,17 +518,82 @@ def test_bad_arguments_refused(body_lines: int | None, chunk_size: int) -> None:
 
 
 def test_registers_push_producer_and_unregisters() -> None:
-    transport = StringTransport()
+    transport = RecordingTransport()
     clock = Clock()
-    message = CountingFile(b"a\n")
-    d = send_message(transport, message, clock=clock)
-    assert transport.streaming
+    message = CountingFile(b"a\n" * (2 * _CHUNKS_PER_TURN))
+    d = send_message(transport, message, chunk_size=2, clock=clock)
+    assert transport.calls == [("register", True)]
     assert verifyObject(IPushProducer, transport.producer)
-    assert transport.value() == b""
     run(clock)
-    assert result_of(d) == 3
+    assert result_of(d) == 6 * _CHUNKS_PER_TURN
+    assert transport.calls == [("register", True), ("unregister",)]
+    assert message.closed
+
+
+def test_small_message_sent_at_once() -> None:
+    """
+    A message that fits in the first turn is written before send_message
+    returns, without a turn of the reactor, and the producer is
+    registered and unregistered once.
+    """
+    transport = RecordingTransport()
+    clock = TurnClock()
+    message = CountingFile(b"Subject: x\n\n.body\n")
+    d = send_message(transport, message, clock=clock)
+    assert transport.value() == b"Subject: x\r\n\r\n..body\r\n.\r\n"
+    assert result_of(d) == 21
+    assert transport.calls == [("register", True), ("unregister",)]
     assert transport.producer is None
     assert message.closed
+    assert clock.pending == []
+
+
+def test_stopped_after_sent_at_once() -> None:
+    """
+    A stopProducing once the message is all sent changes nothing: the
+    Deferred has fired, and fires once.
+    """
+    transport = RecordingTransport()
+    clock = TurnClock()
+    d = send_message(transport, CountingFile(b"a\n"), clock=clock)
+    fired = []
+    d.addBoth(fired.append)
+    assert fired == [3]
+    transport.registered.stopProducing()
+    transport.registered.resumeProducing()
+    assert fired == [3]
+    assert transport.calls == [("register", True), ("unregister",)]
+    assert clock.pending == []
+
+
+def test_connection_lost_in_first_turn() -> None:
+    """
+    A connection lost while the first turn writes fails the Deferred once,
+    and nothing more is read or scheduled.
+    """
+    transport = RecordingTransport(lose_at_write=1)
+    clock = TurnClock()
+    message = CountingFile(b"x" * 100)
+    d = send_message(transport, message, chunk_size=10, clock=clock)
+    with pytest.raises(SendAborted):
+        result_of(d)
+    assert message.reads == 1
+    assert message.closed
+    assert transport.calls == [("register", True), ("unregister",)]
+    assert clock.pending == []
+
+
+def test_read_error_in_first_turn() -> None:
+    transport = RecordingTransport()
+    clock = TurnClock()
+    message = CountingFile(b"x" * 100, fail_at_read=1)
+    d = send_message(transport, message, clock=clock)
+    with pytest.raises(OSError, match="Input/output error"):
+        result_of(d)
+    assert message.closed
+    assert transport.calls == [("register", True), ("unregister",)]
+    assert transport.value() == b""
+    assert clock.pending == []
 
 
 def test_bounded_chunks_per_turn() -> None:
@@ -406,10 +604,8 @@ def test_bounded_chunks_per_turn() -> None:
     transport = StringTransport()
     clock = TurnClock()
     send_message(transport, CountingFile(b"x" * 1000), chunk_size=10, clock=clock)
-    assert transport.value() == b""
-    clock.turn()
     first_turn = len(transport.value())
-    assert 0 < first_turn < 1000
+    assert first_turn == 10 * _CHUNKS_PER_TURN
     clock.turn()
     assert len(transport.value()) == 2 * first_turn
 
@@ -454,7 +650,6 @@ def test_resume_without_pause() -> None:
     transport = StringTransport()
     clock = TurnClock()
     d = send_message(transport, CountingFile(b"x" * 1000), chunk_size=10, clock=clock)
-    clock.turn()
     one_turn = len(transport.value())
     transport.producer.resumeProducing()
     transport.producer.resumeProducing()
@@ -464,6 +659,61 @@ def test_resume_without_pause() -> None:
         clock.turn()
     assert transport.value() == b"x" * 1000 + b"\r\n.\r\n"
     assert result_of(d) == 1000
+
+
+def test_pause_and_resume_between_turns() -> None:
+    """
+    A pause and resume while the next turn is scheduled leave that turn to
+    run as scheduled: no turn runs at once, nor one more.
+    """
+    transport = StringTransport()
+    clock = TurnClock()
+    d = send_message(transport, CountingFile(b"x" * 1000), chunk_size=10, clock=clock)
+    one_turn = len(transport.value())
+    transport.producer.pauseProducing()
+    transport.producer.resumeProducing()
+    assert len(transport.value()) == one_turn
+    clock.turn()
+    assert len(transport.value()) == 2 * one_turn
+    while clock.pending:
+        clock.turn()
+    assert result_of(d) == 1000
+
+
+class BufferingConsumer(StringTransport):
+    """
+    A consumer that pauses its producer and resumes it again from within
+    every write, and records how deeply writes nest.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth = 0
+        self.deepest = 0
+
+    def write(self, data: bytes) -> None:
+        self.depth += 1
+        self.deepest = max(self.deepest, self.depth)
+        super().write(data)
+        self.producer.pauseProducing()
+        self.producer.resumeProducing()
+        self.depth -= 1
+
+
+def test_resume_from_within_write() -> None:
+    """
+    A resume from within a write lets the running turn go on rather than
+    start another inside it: a turn writes no more than it would.
+    """
+    transport = BufferingConsumer()
+    clock = TurnClock()
+    d = send_message(transport, CountingFile(b"x" * 1000), chunk_size=10, clock=clock)
+    assert len(transport.value()) == 10 * _CHUNKS_PER_TURN
+    while clock.pending:
+        clock.turn()
+    assert transport.value() == b"x" * 1000 + b"\r\n.\r\n"
+    assert result_of(d) == 1000
+    assert transport.deepest == 1
 
 
 def test_connection_lost() -> None:
