@@ -1744,3 +1744,22 @@ def test_malformed_index_is_ignored(
     drop = result(provider.open("bob"))
     assert [m.uid for m in drop.messages] == [uid]
     drop.release()
+
+
+def test_index_with_a_uid_twice_is_not_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider = make_provider(tmp_path)
+    uids = [result(provider.deliver("bob", b"m%d\n" % i)) for i in range(2)]
+    look_from_the_future(monkeypatch)
+    result(provider.open("bob")).release()
+    box = tmp_path / "bob" / "Maildir"
+    version, directories, tables, names, rows = json.loads(
+        (box / INDEX_FILE).read_bytes()
+    )
+    rows[1][0] = rows[0][0]
+    forged = [version, directories, tables, names, rows]
+    (box / INDEX_FILE).write_text(json.dumps(forged))
+    drop = result(make_provider(tmp_path).open("bob"))
+    assert [m.uid for m in drop.messages] == uids
+    drop.release()
