@@ -182,6 +182,16 @@ def _write_maildir(path: Path, messages) -> None:
             file.write(data)
 
 
+def read_all(maildir: Path) -> None:
+    """
+    Read every message of C{maildir} once (to warm the page cache).
+    """
+    for sub in ("new", "cur"):
+        for entry in os.scandir(maildir / sub):
+            with open(entry.path, "rb") as message:
+                message.read()
+
+
 def users(layout: Layout) -> list[str]:
     return (
         [session_user(i) for i in range(SESSION_USERS)]

@@ -168,6 +168,11 @@ class Runner:
 
     def bigstat(self) -> None:
         messages = self.plan.big_messages
+        # Whichever server went first would otherwise read the mail from
+        # disk and leave it in the page cache for the others.
+        big = maildata.maildir_of(self.servers[0].ws.mail_root, maildata.BIG_USER)
+        self.log(f"bigstat: reading {big} into the page cache")
+        maildata.read_all(big)
         for round_number in range(self.plan.bigstat_rounds):
             self.log(f"bigstat, {messages:,} messages, round {round_number + 1}")
             for server in self.order(round_number):

@@ -311,6 +311,31 @@ listen = []
         # The workers keep snapshots in memory too.
         self.restart()
 
+    def start(self, timeout: float = 60.0) -> None:
+        logged = self.log_path.stat().st_size if self.log_path.exists() else 0
+        super().start(timeout)
+        self.wait_workers(logged)
+
+    def wait_workers(self, logged: int, timeout: float = 30.0) -> None:
+        """
+        Wait until every worker is running (says so in the log after
+        offset C{logged}): one still starting up would take a core from the
+        first trial.
+        """
+        expected = os.cpu_count() or 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.log_path, "rb") as log:
+                log.seek(logged)
+                text = log.read().decode(errors="replace")
+            started = sum(
+                f"worker {index} running" in text for index in range(1, expected + 1)
+            )
+            if started >= expected:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("popd's workers did not all start:\n" + self.log_tail())
+
 
 class TwistedPOP3(Server):
     name = "twisted"
