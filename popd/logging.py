@@ -173,7 +173,8 @@ class WorkerObserver:
 
 def _relay_line(event: dict) -> str:
     """
-    One event as the JSON line a worker relays.
+    One event as the JSON line a worker relays: its plain fields, and
+    C{text}, the message formatted here.
     """
     fields = {
         key: value
@@ -184,10 +185,24 @@ def _relay_line(event: dict) -> str:
     fields["log_level"] = getattr(level, "name", "info")
     fields["log_time"] = event.get("log_time")
     fields["log_namespace"] = event.get("log_namespace")
-    text = eventAsText(event, includeTimestamp=False, includeSystem=False)
-    # The master formats the event again: braces in the text stay braces.
-    fields["log_format"] = text.replace("{", "{{").replace("}", "}}")
+    fields["text"] = _text(event)
     return json.dumps(fields, default=repr) + "\n"
+
+
+def _text(event: dict) -> str:
+    """
+    The message of C{event}, as Twisted's text log would say it (without
+    time and system).  popd's own events use plain C{str.format} fields,
+    which C{format_map} fills in C; anything else (a failure's traceback,
+    Twisted's C{{callable()}} fields) goes through Twisted's formatter.
+    """
+    log_format = event.get("log_format")
+    if isinstance(log_format, str) and "log_failure" not in event:
+        try:
+            return log_format.format_map(event)
+        except Exception:
+            pass
+    return eventAsText(event, includeTimestamp=False, includeSystem=False)
 
 
 def relay_event(line: bytes, worker: int, pid: int, publish) -> None:
@@ -204,7 +219,9 @@ def relay_event(line: bytes, worker: int, pid: int, publish) -> None:
         event = json.loads(text)
     except ValueError:
         event = None
-    if isinstance(event, dict) and isinstance(event.get("log_format"), str):
+    if isinstance(event, dict) and isinstance(event.get("text"), str):
+        # The text is formatted already: formatting "{text}" is one lookup.
+        event["log_format"] = "{text}"
         try:
             event["log_level"] = LogLevel.levelWithName(event.get("log_level"))
         except (InvalidLogLevelError, TypeError):

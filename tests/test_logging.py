@@ -171,3 +171,16 @@ def test_log_file_reopened_on_sighup(tmp_path, pki):
     finally:
         server.stop()
     assert "Traceback" not in path.read_text()
+
+
+def test_relayed_text_as_twisted_formats_it():
+    """
+    The worker formats with str.format where it can, and with Twisted's
+    formatter where str.format cannot (calls in fields).
+    """
+    output = io.StringIO()
+    log = Logger(observer=WorkerObserver(output))
+    log.info("took {duration:.3f}s for {user!r}", duration=0.12345, user="jo")
+    log.info("called {answer()}", answer=lambda: 42)
+    texts = [formatEvent(event) for event in relayed(output.getvalue())]
+    assert texts == ["took 0.123s for 'jo'", "called 42"]
