@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import unicodedata
+from functools import lru_cache
 
 #: The longest file name (in UTF-8 octets) common filesystems accept.
 MAX_COMPONENT_OCTETS = 255
@@ -35,9 +36,12 @@ def check_template(template: str) -> None:
     _fixed_directory(template)
 
 
+@lru_cache(maxsize=4096)
 def expand_path(template: str, user: str) -> str:
     """
-    Expand a maildrop path template for one user.
+    Expand a maildrop path template for one user.  Remembered for the
+    users seen last: every login asks, and the checks cost more than the
+    rest of opening an unchanged Maildir.
 
     C{%u} is the whole user name, C{%d} the domain (after the last C{@},
     empty if there is none), C{%n} the local part (before it) and C{%%} a
