@@ -1570,9 +1570,13 @@ def test_many_unsized_messages_measured_in_order(
     drop.release()
 
 
-def test_open_of_an_unchanged_maildir_stays_off_the_pool(
+def cached_then_changed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> tuple[MaildirProvider, ImmediateThreadPool]:
+    """
+    A provider with bob's one-message Maildir in memory, checked to open
+    off the pool; then a second message delivered.
+    """
     provider, pool = pooled_provider(tmp_path)
     result(provider.deliver("bob", b"one\n"))
     look_from_the_future(monkeypatch)
@@ -1586,6 +1590,13 @@ def test_open_of_an_unchanged_maildir_stays_off_the_pool(
     drop.release()
     tick()
     result(provider.deliver("bob", b"two\n"))
+    return provider, pool
+
+
+def test_open_of_an_unchanged_maildir_stays_off_the_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider, pool = cached_then_changed(tmp_path, monkeypatch)
     before = pool.calls
     drop = result(provider.open("bob"))
     assert pool.calls == before + 2, "scanned in the pool, then popd-index saved"
@@ -1598,12 +1609,7 @@ def test_open_of_an_unchanged_maildir_stays_off_the_pool(
 def test_lock_released_when_a_scan_handed_to_the_pool_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    provider, _ = pooled_provider(tmp_path)
-    result(provider.deliver("bob", b"one\n"))
-    look_from_the_future(monkeypatch)
-    result(provider.open("bob")).release()
-    tick()
-    result(provider.deliver("bob", b"two\n"))
+    provider, _ = cached_then_changed(tmp_path, monkeypatch)
 
     def failing_snapshot(*args):
         raise OSError(5, "I/O error")

@@ -783,16 +783,7 @@ def _save_index(root: str, snapshot: _Snapshot) -> None:
         separators=(",", ":"),
         ensure_ascii=False,
     ).encode("utf-8", "surrogateescape")
-    path = os.path.join(root, INDEX_FILE)
-    tmp_path = _tmp_path(path)
-    try:
-        with open(tmp_path, "wb") as out:
-            out.write(data)
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_path)
-        raise
+    _replace_file(os.path.join(root, INDEX_FILE), data, durable=False)
 
 
 def _save_snapshot(
@@ -1303,18 +1294,29 @@ def _save_table(path: str, header: bytes, table: dict[str, str]) -> None:
         for name, value in table.items()
         if "\n" not in name
     ]
+    _replace_file(path, b"".join(lines), durable=True)
+
+
+def _replace_file(path: str, data: bytes, *, durable: bool) -> None:
+    """
+    Replace C{path} with C{data} atomically: written to a file of its own
+    and renamed over.  C{durable}: fsync the file before, and its
+    directory after.
+    """
     tmp_path = _tmp_path(path)
     try:
         with open(tmp_path, "wb") as out:
-            out.writelines(lines)
-            out.flush()
-            os.fsync(out.fileno())
+            out.write(data)
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp_path)
         raise
-    _fsync_directory(os.path.dirname(path))
+    if durable:
+        _fsync_directory(os.path.dirname(path))
 
 
 class _SizeCache:
