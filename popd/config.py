@@ -80,6 +80,8 @@ class Settings:
     apop: bool = False
     maildrop_type: str = "maildir"
     maildrop_path: str = ""
+    maildir_cache_messages: int = 250_000
+    maildir_index: bool = True
     mbox_folders: str | None = None
     mbox_variant: str = "mboxrd"
     dsn: str = ""
@@ -236,11 +238,11 @@ def _store_settings(maildrop: _Section, base: Path, root: Path) -> dict:
         )
     store: dict = {"maildrop_type": kind, "folder_separator": separator}
     own_keys = {
-        "maildir": ("path",),
+        "maildir": ("path", "cache_messages", "index"),
         "mbox": ("path", "folders", "variant"),
         "sql": ("dsn",),
     }[kind]
-    for key in ("path", "folders", "variant", "dsn"):
+    for key in ("path", "folders", "variant", "dsn", "cache_messages", "index"):
         if key in maildrop._table and key not in own_keys:
             raise ConfigError(f'[maildrop] {key} does not apply to type = "{kind}"')
     if kind == "sql":
@@ -266,6 +268,9 @@ def _store_settings(maildrop: _Section, base: Path, root: Path) -> dict:
             raise ConfigError("[maildrop] folders must contain %u or %n")
         store["mbox_folders"] = str(_path(base, folders)) if folders else None
         store["mbox_variant"] = maildrop.choice("variant", MBOX_VARIANTS, "mboxrd")
+    if kind == "maildir":
+        store["maildir_cache_messages"] = maildrop.integer("cache_messages", 250_000)
+        store["maildir_index"] = maildrop.boolean("index", True)
     return store
 
 

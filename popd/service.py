@@ -219,7 +219,11 @@ def build_provider(settings: Settings) -> IMaildropProvider:
             return SQLProvider.from_dsn(settings.dsn)
         except ValueError as error:
             raise ConfigError(f"[maildrop] dsn: {error}") from None
-    return MaildirProvider(settings.maildrop_path)
+    return MaildirProvider(
+        settings.maildrop_path,
+        cache_messages=settings.maildir_cache_messages,
+        index=settings.maildir_index,
+    )
 
 
 def build_portal(settings: Settings, provider: IMaildropProvider) -> Portal:

@@ -149,6 +149,12 @@ max_auth_failures = 2
             '[maildrop]\npath = "/var/mail/all"\n',
             "[maildrop] path must contain %u or %n",
         ),
+        (
+            '[maildrop]\ntype = "mbox"\ncache_messages = 10\n',
+            '[maildrop] cache_messages does not apply to type = "mbox"',
+        ),
+        ("[maildrop]\ncache_messages = -1\n", "[maildrop] cache_messages must be"),
+        ('[maildrop]\nindex = "yes"\n', "[maildrop] index must be"),
         ('[pop3]\nexpire = "soon"\n', "[pop3] expire"),
         ("pop3 = 1\n", "[pop3] must be a table"),
         ("[pop3\n", "is not valid TOML"),
@@ -452,3 +458,22 @@ def test_workers_auto_is_one_per_core(tmp_path):
 def test_operations_mistakes_name_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_settings(write(tmp_path, text))
+
+
+def test_maildir_cache_settings(tmp_path):
+    settings = load_settings(
+        write(tmp_path, "[maildrop]\ncache_messages = 1000\nindex = false\n")
+    )
+    assert (settings.maildir_cache_messages, settings.maildir_index) == (1000, False)
+    defaults = load_settings(write(tmp_path, ""))
+    assert (defaults.maildir_cache_messages, defaults.maildir_index) == (250_000, True)
+
+
+def test_maildir_cache_settings_reach_the_store(tmp_path):
+    from popd.service import build_provider
+
+    text = "[maildrop]\ncache_messages = 0\nindex = false\n"
+    provider = build_provider(load_settings(write(tmp_path, text)))
+    assert provider._snapshots is None and provider._index is False
+    provider = build_provider(load_settings(write(tmp_path, "")))
+    assert provider._snapshots.capacity == 250_000 and provider._index is True
