@@ -62,9 +62,11 @@ def make_plan(quick: bool, rounds: int | None, fd_limit: int) -> Plan:
     if rounds:
         plan.rounds = rounds
         plan.bigstat_rounds = rounds
-    # popd holds two descriptors per session (socket and maildrop lock), and
-    # the generator one: the hard RLIMIT_NOFILE bounds the sessions held.
-    fit = (fd_limit - 300) // 2 // 100 * 100
+    # popd holds two descriptors per session (socket and maildrop lock),
+    # shared among its workers (one per core), and the generator one: the
+    # hard RLIMIT_NOFILE of one process bounds the sessions held.
+    workers = os.cpu_count() or 1
+    fit = min(fd_limit - 300, (fd_limit - 300) * workers // 2) // 100 * 100
     counts = []
     for count in plan.idle_counts:
         if count > fit:
@@ -72,7 +74,7 @@ def make_plan(quick: bool, rounds: int | None, fd_limit: int) -> Plan:
                 f"idle: {fit:,} sessions held instead of {count:,}: the hard "
                 f"RLIMIT_NOFILE here is {fd_limit:,} (it cannot be raised without "
                 "CAP_SYS_RESOURCE) and popd needs two descriptors per session "
-                "(socket and maildrop lock)"
+                f"(socket and maildrop lock) in {workers} process(es)"
             )
             count = fit
         counts.append(count)
