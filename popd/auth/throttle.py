@@ -46,6 +46,7 @@ processes or after a restart a client can get in sooner.
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import lru_cache
 from ipaddress import IPv6Address, ip_address, ip_network
 
 __all__ = [
@@ -74,11 +75,13 @@ MAX_KEYS = 100_000
 _MAX_USER_KEY = 256
 
 
+@lru_cache(maxsize=16384)
 def address_key(host: str | None) -> str | None:
     """
     The key a client address is counted under: IPv4 as it is, IPv6 by its
     /64 network, anything that is not an IP address (a UNIX socket) not
-    at all (C{None}).
+    at all (C{None}).  Remembered for recent addresses: every connection
+    asks, and parsing an address costs more than the rest of counting it.
     """
     if host is None:
         return None
