@@ -110,8 +110,8 @@ from popd.maildrops.snapshot_cache import (
     file_stamp,
     is_settled,
 )
-from popd.maildrops.threads import BlockingRunner, translating_os_errors
-from popd.stream import WireSizeCounter
+from popd.maildrops.threads import BlockingRunner, unavailable
+from popd.stream import WireSizeCounter, wire_size
 
 #: How much of a message is read or copied at a time.
 CHUNK_SIZE = 64 * 1024
@@ -255,9 +255,10 @@ class MaildirProvider:
 
         @return: a L{Deferred} firing with an L{IMaildrop}.
         """
-        root = self._cached_root(avatar_id, folder)
-        if root is None:
+        cached = self._cached(avatar_id, folder)
+        if cached is None:
             return self._run(self._open_blocking, avatar_id, folder, None)
+        root, previous = cached
         try:
             lock = acquire_lock(os.path.join(root, LOCK_FILE))
         except MaildropInUse:
@@ -265,12 +266,12 @@ class MaildirProvider:
         except OSError:
             return self._run(self._open_blocking, avatar_id, folder, None)
         try:
-            snapshot = _reusable_snapshot(root, self._dovecot, self._snapshots)
+            _, directories, tables = _stamps(root, self._dovecot)
         except OSError:
-            snapshot = None
-        if snapshot is None:
             return self._run(self._open_blocking, avatar_id, folder, lock)
-        return succeed(MaildirMaildrop(root, snapshot, lock, self._run))
+        if not previous.reusable(directories, tables):
+            return self._run(self._open_blocking, avatar_id, folder, lock)
+        return succeed(MaildirMaildrop(root, previous, lock, self._run))
 
     def deliver(
         self,
@@ -306,10 +307,12 @@ class MaildirProvider:
         """
         return self._runner.run(function, *args)
 
-    def _cached_root(self, avatar_id: str, folder: str | None) -> str | None:
+    def _cached(
+        self, avatar_id: str, folder: str | None
+    ) -> tuple[str, _Snapshot] | None:
         """
-        The Maildir of C{avatar_id} (or C{folder}) if a snapshot of it is
-        in memory, else C{None}.
+        The Maildir of C{avatar_id} (or C{folder}) and its snapshot in
+        memory, if there is one.
         """
         if self._snapshots is None:
             return None
@@ -318,7 +321,8 @@ class MaildirProvider:
         except MaildropError:
             # The thread pool path says what is wrong.
             return None
-        return root if self._snapshots.get(root) is not None else None
+        previous = self._snapshots.get(root)
+        return None if previous is None else (root, previous)
 
     def _open_blocking(
         self, avatar_id: str, folder: str | None, lock: MaildropLock | None
@@ -461,8 +465,8 @@ class MaildirMaildrop:
             return succeed(_open_message(message.path))
         except FileNotFoundError:
             return self._run(self._read_moved, message)
-        except OSError:
-            return self._run(_open_message, message.path)
+        except OSError as error:
+            return fail(unavailable(error))
 
     def commit(self, deleted: Iterable[int], retrieved: Iterable[int] = ()) -> Deferred:
         """
@@ -493,9 +497,9 @@ class MaildirMaildrop:
 
     def _release_now(self) -> Deferred:
         try:
-            translating_os_errors(self._lock.release)
-        except MaildropError:
-            return fail()
+            self._lock.release()
+        except OSError as error:
+            return fail(unavailable(error))
         return succeed(None)
 
     def _message(self, index: int) -> _Message:
@@ -740,13 +744,9 @@ def _indexed_stamp(stamp: Any) -> Stamp:
 def _indexed_names_valid(names: list[Any]) -> bool:
     """
     Whether every name is C{new/<name>} or C{cur/<name>}, the name not
-    starting with a dot and holding no slash, LF or NUL.  One regular
-    expression over them all: this is most of the time a later login takes.
+    starting with a dot and holding no slash, LF or NUL.
     """
-    joined = "\n".join(names)
-    return (
-        joined.count("\n") == len(names) - 1 or not names
-    ) and _INDEX_NAMES.fullmatch(joined + "\n" if names else "") is not None
+    return _every_line_matches(_INDEX_NAMES, names)
 
 
 def _indexed_infos_valid(infos: tuple[MessageInfo, ...]) -> bool:
@@ -794,7 +794,7 @@ def _save_snapshot(
     and the whole snapshot in C{popd-index} if C{index}.
     """
     if sizes is not None:
-        sizes.save_if_changed()
+        sizes.save_if_changed(snapshot.bases())
     if index:
         _save_index(root, snapshot)
 
@@ -829,20 +829,6 @@ def _stamps(
     return looked_at, directories, tables
 
 
-def _reusable_snapshot(
-    root: str, dovecot: _DovecotUidl | None, cache: BoundedCache[str, _Snapshot]
-) -> _Snapshot | None:
-    """
-    The snapshot of C{root} in C{cache} if nothing it was built from has
-    changed since, else C{None}.
-    """
-    previous = cache.get(root)
-    if previous is None:
-        return None
-    _, directories, tables = _stamps(root, dovecot)
-    return previous if previous.reusable(directories, tables) else None
-
-
 def _listing(
     root: str, records: dict[str, dict[str, str]], known: dict[str, int] | None
 ) -> tuple[list[tuple[str, str, int]], _SizeCache]:
@@ -857,7 +843,6 @@ def _listing(
     """
     cache = _SizeCache(os.path.join(root, SIZE_CACHE_FILE), known)
     found = []
-    unsized = []
     for _, base, path in sorted(_scan(root)):
         size = _size_from_name(base)
         if size is None:
@@ -865,16 +850,11 @@ def _listing(
         if size is None and base in records:
             size = _DovecotUidl.vsize(records[base])
         if size is None:
-            unsized.append(len(found))
-        found.append((base, path, size))
-    for index in unsized:
-        base, path, _ = found[index]
-        size = _computed_size(path)
-        found[index] = (base, path, size)
-        if size is not None:
+            size = _computed_size(path)
+            if size is None:
+                continue
             cache.put(base, size)
-    found = [entry for entry in found if entry[2] is not None]
-    cache.live = [base for base, _, _ in found]
+        found.append((base, path, size))
     return found, cache
 
 
@@ -926,10 +906,25 @@ def _all_valid_uids(names: list[str]) -> bool:
     """
     Whether every name could be a UIDL (L{is_valid_uid}).
     """
-    joined = "\n".join(names)
+    return _every_line_matches(_UIDL_LINES, names)
+
+
+def _every_line_matches(lines_pattern: re.Pattern, items: list[str]) -> bool:
+    """
+    Whether each of C{items} (none holding a LF) is one line of
+    C{lines_pattern}, which matches LF-terminated lines: one regular
+    expression over them all, where a hundred thousand checks one by one
+    would be most of the time a login to a large Maildir takes.
+
+    @raise TypeError: an item is not a C{str}.
+    """
+    if not items:
+        return True
+    joined = "\n".join(items)
     return (
-        not names or joined.count("\n") == len(names) - 1
-    ) and _UIDL_LINES.fullmatch(joined + "\n" if names else "") is not None
+        joined.count("\n") == len(items) - 1
+        and lines_pattern.fullmatch(joined + "\n") is not None
+    )
 
 
 def _scan(root: str) -> list[tuple[int, str, str]]:
@@ -997,11 +992,7 @@ def _computed_size(path: str) -> int | None:
     try:
         data = os.read(fd, CHUNK_SIZE)
         if len(data) < CHUNK_SIZE:
-            # wire_size, without making a counter for one chunk.
-            bare = data.count(b"\n")
-            if b"\r" in data:
-                bare -= data.count(b"\r\n")
-            return len(data) + bare
+            return wire_size(data)
         counter = WireSizeCounter()
         counter.feed(data)
         while chunk := os.read(fd, CHUNK_SIZE):
@@ -1333,8 +1324,6 @@ class _SizeCache:
         self._sizes = dict(known or ())
         self._loaded = False
         self._changed = False
-        #: The base names of the messages still there, whose sizes to keep.
-        self.live: list[str] = []
 
     def get(self, base: str) -> int | None:
         size = self._sizes.get(base)
@@ -1356,17 +1345,15 @@ class _SizeCache:
         """
         return self._changed
 
-    def save_if_changed(self) -> None:
+    def save_if_changed(self, live: Iterable[str]) -> None:
         """
         If sizes were added, rewrite the file atomically, keeping only the
-        entries of the L{live} base names.  A failure to write is ignored:
-        the cache only saves time.
+        entries of C{live} base names.  A failure to write is ignored: the
+        cache only saves time.
         """
         if not self._changed:
             return
-        table = {
-            base: str(self._sizes[base]) for base in self.live if base in self._sizes
-        }
+        table = {base: str(self._sizes[base]) for base in live if base in self._sizes}
         with contextlib.suppress(OSError):
             _save_table(self._path, _SIZE_CACHE_HEADER, table)
 

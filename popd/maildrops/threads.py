@@ -24,8 +24,18 @@ def translating_os_errors(function: Callable[..., Any], *args: Any) -> Any:
     try:
         return function(*args)
     except OSError as e:
-        where = f": {e.filename}" if e.filename else ""
-        raise MaildropUnavailable(f"{e.strerror or e}{where}") from e
+        raise unavailable(e) from e
+
+
+def unavailable(error: OSError) -> MaildropUnavailable:
+    """
+    The temporary failure that operating-system C{error} is to a session,
+    naming the file, with C{error} as its cause.
+    """
+    where = f": {error.filename}" if error.filename else ""
+    failure = MaildropUnavailable(f"{error.strerror or error}{where}")
+    failure.__cause__ = error
+    return failure
 
 
 class BlockingRunner:
