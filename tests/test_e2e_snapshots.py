@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
 from helpers.ops_e2e import wait_for
 from helpers.popd_e2e import MESSAGES, RawPOP3
 
@@ -53,15 +54,25 @@ def every_login_sees(port: int, uids: list[str]) -> None:
         assert all(b"Subject: " in body for body in bodies)
 
 
-def test_snapshots_follow_every_change(popd_factory):
-    server = popd_factory("snapshots", plaintext="always", server_extra="workers = 2")
+@pytest.mark.parametrize(
+    "maildrop",
+    ["", "[maildrop]\ncache_messages = 0\nindex = false\n"],
+    ids=["snapshots kept", "snapshots off"],
+)
+def test_snapshots_follow_every_change(popd_factory, maildrop: str):
+    server = popd_factory(
+        "snapshots", plaintext="always", server_extra="workers = 2", extra=maildrop
+    )
     wait_for(lambda: server.output().count("POP3 accepting on") >= 2, timeout=30)
     server.add_plain_user("sam", "snap-pass")
     maildir = server.directory / "data" / "mail" / "sam" / "Maildir"
     first = server.deliver("sam", MESSAGES["plain"])
     settle()
     every_login_sees(server.pop3_port, [first])
-    wait_for(lambda: (maildir / INDEX_FILE).exists())
+    if maildrop:
+        assert not (maildir / INDEX_FILE).exists()
+    else:
+        wait_for(lambda: (maildir / INDEX_FILE).exists())
 
     # A delivery by another process, seen at once and once settled.
     second = server.deliver("sam", MESSAGES["dots"])
@@ -85,3 +96,5 @@ def test_snapshots_follow_every_change(popd_factory):
     every_login_sees(server.pop3_port, [])
     served_by = set(re.findall(r"session end user=sam .* pid=(\d+)", server.output()))
     assert len(served_by) == 2, "both workers served sam"
+    if maildrop:
+        assert not (maildir / INDEX_FILE).exists()
